@@ -1,0 +1,21 @@
+"""Small @triton.jit helpers shared by the kernels, and the launch heuristics they share."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(y):
+    """tanh in fp32 from exp, exact at +-inf; a short series near 0 avoids the 1 - e**-2|y| cancellation."""
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    far = (1.0 - e) / (1.0 + e)
+    y2 = y * y
+    near = a * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0))))
+    r = tl.where(a < 0.1, near, far)
+    return tl.where(y < 0, -r, r)
+
+
+def warps_for_block(block_size: int) -> int:
+    """Warps for a program that streams BLOCK_SIZE elements per step: about 16 fp32 values per thread."""
+    return max(1, min(16, block_size // 512))

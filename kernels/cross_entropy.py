@@ -1,0 +1,321 @@
+"""Fused softmax-cross-entropy: loss and gradient from one online log-sum-exp per row.
+
+For row i with transformed logits x (logit_scale, then softcap), lse = logsumexp(x), per-class
+coefficients a_c (target weight, smoothing, probability targets) and A = sum_c a_c:
+    loss_i = sum_c a_c (lse - x_c) + z_loss lse^2,     dloss_i/dx_c = A p_c - a_c + 2 z_loss lse p_c.
+
+Memory passes over N x C logits of B bytes (all math in fp32, no N x C fp32 buffer):
+- forward with the gradient (reduction mean/sum): a program streams its row twice back to back
+  (online max and sum-exp, then loss and gradient; the second read is meant to hit L2) and writes
+  the gradient once: 2B from DRAM.
+- forward without the gradient: B (2B with label smoothing or probability targets).
+- backward of reduction='none': B read + B written, from the saved per-row lse.
+When there are too few rows to fill the GPU, rows are split into column chunks: one launch writes
+each chunk's partial lse, the second combines them per row (the partials are N x chunks floats).
+"""
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import tanh, warps_for_block
+
+
+@triton.jit
+def _load_logits(row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Logits of `cols` in fp32, scaled then soft-capped; masked lanes read as -inf."""
+    x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(-inf) is -1: a masked class or a padding lane would become the finite logit -softcap
+        # and take probability mass. Keep -inf as -inf.
+        x = tl.where(x == float("-inf"), x, softcap * tanh(x / softcap))
+    return x
+
+
+@triton.jit
+def _dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
+                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """a_c spread over every class: w_c((1-eps) t_c + eps/C) for probability targets, w_c eps/C otherwise."""
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(mask, 1.0, 0.0)
+    if PROB_TARGET:
+        t = tl.load(target_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        return w * ((1.0 - smoothing) * t + smoothing / n_classes)
+    return w * (smoothing / n_classes)
+
+
+@triton.jit
+def _chunk_stats(logits_row_ptr, target_row_ptr, weight_ptr, col_start, col_end, n_classes,
+                 smoothing, logit_scale, softcap,
+                 HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr):
+    """Online log-sum-exp of columns [col_start, col_end) and, for probability targets, sum_c a_c there."""
+    m = tl.full([], float("-inf"), tl.float32)  # running max
+    s = tl.full([], 0.0, tl.float32)  # running sum of exp(x - m)
+    mass = tl.full([], 0.0, tl.float32)
+    for start in range(col_start, col_end, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = cols < col_end
+        x = _load_logits(logits_row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        # While every logit so far is -inf, m_new is -inf and exp(-inf - -inf) is NaN: shift by 0.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+        m = m_new
+        if PROB_TARGET:
+            mass += tl.sum(_dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
+                                       PROB_TARGET, HAS_WEIGHT), 0)
+    return m + tl.log(s), mass
+
+
+@triton.jit
+def cross_entropy_stats_kernel(
+    logits_ptr,  # (N, C), classes contiguous
+    target_ptr,  # (N, C) probabilities (PROB_TARGET), else unused
+    weight_ptr,  # (C,) class weights (HAS_WEIGHT)
+    part_lse_ptr,  # fp32 (N, n_chunks) out: lse of each column chunk
+    part_mass_ptr,  # fp32 (N, n_chunks) out: sum_c a_c of each chunk (PROB_TARGET)
+    n_classes, chunk_size, logits_row_stride, target_row_stride,
+    smoothing, logit_scale, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Grid (N, n_chunks): partial row statistics of one column chunk, for rows split across programs."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    col_start = chunk * chunk_size
+    col_end = tl.minimum(col_start + chunk_size, n_classes)
+    lse, mass = _chunk_stats(logits_ptr + row * logits_row_stride, target_ptr + row * target_row_stride,
+                             weight_ptr, col_start, col_end, n_classes, smoothing, logit_scale, softcap,
+                             HAS_SOFTCAP, HAS_WEIGHT, PROB_TARGET, BLOCK_SIZE)
+    part = row * tl.num_programs(1) + chunk
+    tl.store(part_lse_ptr + part, lse)
+    if PROB_TARGET:
+        tl.store(part_mass_ptr + part, mass)
+
+
+@triton.jit
+def cross_entropy_kernel(
+    # data
+    logits_ptr,  # (N, C), classes contiguous, rows logits_row_stride apart
+    target_ptr,  # (N,) class indices, or (N, C) probabilities (PROB_TARGET)
+    weight_ptr,  # (C,) class weights (HAS_WEIGHT)
+    scalars_ptr,  # fp32 [ce_norm, z_norm, weight_sum] on the device: reduction normalisers and sum_c w_c
+    row_scale_ptr,  # fp32 upstream gradient per row (HAS_ROW_SCALE), row_scale_stride apart (0: broadcast)
+    part_lse_ptr,  # fp32 (N, n_parts) partial lse to combine (read unless COMPUTE_STATS)
+    part_mass_ptr,  # fp32 (N, n_parts) partial sum_c a_c (PROB_TARGET, read unless COMPUTE_STATS)
+    lse_ptr,  # fp32 (N,) out: row lse (WRITE_LOSS)
+    mass_ptr,  # fp32 (N,) out: row sum_c a_c (WRITE_LOSS and PROB_TARGET)
+    loss_ptr,  # fp32 (N, n_chunks) out: each chunk's share of the normalised row loss (WRITE_LOSS)
+    grad_ptr,  # (N, C) out: gradient in the logits' dtype, rows grad_row_stride apart (WRITE_GRAD)
+    # shapes and strides
+    n_classes, chunk_size, n_parts, logits_row_stride, target_row_stride, grad_row_stride,
+    row_scale_stride,
+    # runtime scalars
+    ignore_index, smoothing, z_loss, logit_scale, softcap,
+    # constants
+    HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
+    SMOOTHING: tl.constexpr, COMPUTE_STATS: tl.constexpr, WRITE_LOSS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """Grid (N, n_chunks): loss share and gradient of one column chunk of one row.
+
+    COMPUTE_STATS (one chunk per row) computes the row's lse here; otherwise the row's n_parts
+    partials (from the stats kernel, or the lse saved by forward) are combined first.
+    """
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 for large N x C
+    chunk = tl.program_id(1)
+    col_start = chunk * chunk_size
+    col_end = tl.minimum(col_start + chunk_size, n_classes)
+    logits_row_ptr = logits_ptr + row * logits_row_stride
+    target_row_ptr = target_ptr + row * target_row_stride
+
+    # 1. the row's target
+    if PROB_TARGET:
+        valid = row >= 0  # every row counts; ignore_index does not apply to probabilities
+        in_range = valid
+        target_coef = 0.0
+    else:
+        y = tl.load(target_ptr + row)
+        valid = y != ignore_index
+        in_range = (y >= 0) & (y < n_classes)
+        y = tl.where(in_range, y, 0).to(tl.int32)  # never read out of bounds; the row is poisoned below
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y).to(tl.float32)
+        else:
+            w_y = 1.0
+        target_coef = w_y * (1.0 - smoothing)  # a_y gets this on top of the dense part
+
+    # 2. row statistics: lse and A = sum_c a_c
+    if COMPUTE_STATS:
+        lse, mass = _chunk_stats(logits_row_ptr, target_row_ptr, weight_ptr, 0, n_classes, n_classes,
+                                 smoothing, logit_scale, softcap,
+                                 HAS_SOFTCAP, HAS_WEIGHT, PROB_TARGET, BLOCK_SIZE)
+    else:
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.full([], 0.0, tl.float32)
+        mass = tl.full([], 0.0, tl.float32)
+        for k in range(0, n_parts):
+            part_lse = tl.load(part_lse_ptr + row * n_parts + k)
+            m_new = tl.maximum(m, part_lse)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - shift) + tl.exp(part_lse - shift)
+            m = m_new
+            if PROB_TARGET:
+                mass += tl.load(part_mass_ptr + row * n_parts + k)
+        lse = m + tl.log(s)
+    if not PROB_TARGET:
+        mass = target_coef + smoothing * tl.load(scalars_ptr + 2) / n_classes
+
+    ce_scale = tl.load(scalars_ptr)
+    z_scale = tl.load(scalars_ptr + 1)
+    if HAS_ROW_SCALE:
+        upstream = tl.load(row_scale_ptr + row * row_scale_stride).to(tl.float32)
+        ce_scale *= upstream
+        z_scale *= upstream
+    p_coef = ce_scale * mass + 2.0 * z_scale * z_loss * lse  # dloss/dx_c = p_coef p_c - ce_scale a_c
+    poison = tl.where(in_range | ~valid, 0.0, float("nan"))  # bad target: NaN, never a finite guess
+
+    # 3. one sweep over the chunk: dense loss terms and the gradient
+    dense_loss = tl.full([], 0.0, tl.float32)
+    if WRITE_GRAD or SMOOTHING or PROB_TARGET:
+        grad_row_ptr = grad_ptr + row * grad_row_stride
+        for start in range(col_start, col_end, BLOCK_SIZE):
+            cols = start + tl.arange(0, BLOCK_SIZE)
+            mask = cols < col_end
+            x = _load_logits(logits_row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP)
+            if SMOOTHING or PROB_TARGET:
+                a = _dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
+                                PROB_TARGET, HAS_WEIGHT)
+                # a_c = 0 adds nothing, also where x_c = -inf (0 * inf is NaN)
+                dense_loss += tl.sum(a * tl.where(a != 0.0, lse - x, 0.0), 0)
+            if WRITE_GRAD:
+                g = p_coef * tl.exp(x - lse)
+                if SMOOTHING or PROB_TARGET:
+                    g -= ce_scale * a
+                if not PROB_TARGET:
+                    # the target's p - 1 is formed here in fp32, before the single store
+                    g = tl.where(cols == y, g - ce_scale * target_coef, g)
+                g *= logit_scale
+                if HAS_SOFTCAP:
+                    # d softcap*tanh(u/softcap) / du = 1 - tanh^2; zero where x was -inf
+                    g *= tl.where(x == float("-inf"), 0.0, 1.0 - (x / softcap) * (x / softcap))
+                g = tl.where(valid, g + poison, 0.0)
+                tl.store(grad_row_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    # 4. this chunk's share of the row loss, already normalised for the reduction
+    if WRITE_LOSS:
+        ce = dense_loss
+        if not PROB_TARGET:
+            x_y = _load_logits(logits_row_ptr, y, y < n_classes, logit_scale, softcap, HAS_SOFTCAP)
+            owns_target = (y >= col_start) & (y < col_end) & (target_coef != 0.0)
+            ce += tl.where(owns_target, target_coef * (lse - x_y), 0.0)
+        loss = tl.where(ce_scale != 0.0, ce_scale * ce, 0.0)
+        if chunk == 0:
+            loss += tl.where(z_scale != 0.0, z_scale * z_loss * lse * lse, 0.0)
+        loss = tl.where(valid, loss + poison, 0.0)
+        tl.store(loss_ptr + row * tl.num_programs(1) + chunk, loss)
+        if chunk == 0:
+            tl.store(lse_ptr + row, lse)
+            if PROB_TARGET:
+                tl.store(mass_ptr + row, mass)
+
+
+class LaunchConfig(NamedTuple):
+    block_size: int
+    num_warps: int
+    n_chunks: int
+    chunk_size: int
+
+
+MAX_BLOCK_SIZE = 4096
+
+
+def launch_config(n_rows: int, n_classes: int, n_sms: int) -> LaunchConfig:
+    """Block size, warps and row split for an N x C problem on a device with n_sms multiprocessors.
+
+    One program per row once there are two rows per SM; fewer rows are split into column chunks
+    (whole blocks each) so that about 4 programs per SM are in flight.
+    """
+    block_size = min(MAX_BLOCK_SIZE, max(16, triton.next_power_of_2(n_classes)))
+    n_chunks = 1
+    if n_rows < 2 * n_sms:
+        n_chunks = min(triton.cdiv(n_classes, block_size), triton.cdiv(4 * n_sms, max(n_rows, 1)))
+    chunk_size = triton.cdiv(triton.cdiv(n_classes, n_chunks), block_size) * block_size
+    return LaunchConfig(block_size, warps_for_block(block_size), triton.cdiv(n_classes, chunk_size), chunk_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter on CPU tensors: few enough "SMs" that small tests exercise the row split
+
+
+def _common_args(logits, target, weight, prob_target, opts):
+    return dict(
+        HAS_SOFTCAP=opts.softcap is not None, HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target,
+    ), (opts.label_smoothing, opts.logit_scale, 1.0 if opts.softcap is None else opts.softcap)
+
+
+def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
+    """Row losses (normalised for the reduction), row lse and row A; writes the gradient into `grad` if given.
+
+    logits: (N, C) with contiguous classes; target: (N,) int64 or (N, C) probabilities.
+    """
+    n_rows, n_classes = logits.shape
+    prob_target = target.dim() == 2
+    cfg = launch_config(n_rows, n_classes, _multiprocessor_count(logits.device))
+    flags, (smoothing, logit_scale, softcap) = _common_args(logits, target, weight, prob_target, opts)
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    loss = torch.empty(n_rows, cfg.n_chunks, **f32)
+    lse = torch.empty(n_rows, **f32)
+    mass = torch.empty(n_rows, **f32) if prob_target else lse
+    parts_lse = parts_mass = lse
+    if n_rows == 0:
+        return loss.sum(1), lse, mass
+    target_row_stride = target.stride(0) if prob_target else 0
+    weight = logits if weight is None else weight  # never read without HAS_WEIGHT
+    if cfg.n_chunks > 1:
+        parts_lse = torch.empty(n_rows, cfg.n_chunks, **f32)
+        parts_mass = torch.empty(n_rows, cfg.n_chunks, **f32) if prob_target else parts_lse
+        cross_entropy_stats_kernel[(n_rows, cfg.n_chunks)](
+            logits, target, weight, parts_lse, parts_mass,
+            n_classes, cfg.chunk_size, logits.stride(0), target_row_stride,
+            smoothing, logit_scale, softcap,
+            BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps, **flags)
+    cross_entropy_kernel[(n_rows, cfg.n_chunks)](
+        logits, target, weight, scalars, scalars, parts_lse, parts_mass, lse, mass, loss,
+        logits if grad is None else grad,
+        n_classes, cfg.chunk_size, cfg.n_chunks, logits.stride(0), target_row_stride,
+        0 if grad is None else grad.stride(0), 0,
+        opts.ignore_index, smoothing, opts.z_loss, logit_scale, softcap,
+        SMOOTHING=opts.label_smoothing > 0, COMPUTE_STATS=cfg.n_chunks == 1, WRITE_LOSS=True,
+        WRITE_GRAD=grad is not None, HAS_ROW_SCALE=False,
+        BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps, **flags)
+    return (loss[:, 0] if cfg.n_chunks == 1 else loss.sum(1)), lse, mass
+
+
+def cross_entropy_backward(logits, target, weight, scalars, opts, lse, mass, grad_output, grad):
+    """Gradient of reduction='none' into `grad` from the saved row lse and A: one read, one write."""
+    n_rows, n_classes = logits.shape
+    if n_rows == 0:
+        return grad
+    prob_target = target.dim() == 2
+    cfg = launch_config(n_rows, n_classes, _multiprocessor_count(logits.device))
+    flags, (smoothing, logit_scale, softcap) = _common_args(logits, target, weight, prob_target, opts)
+    cross_entropy_kernel[(n_rows, cfg.n_chunks)](
+        logits, target, logits if weight is None else weight, scalars, grad_output, lse, mass,
+        lse, mass, lse, grad,
+        n_classes, cfg.chunk_size, 1, logits.stride(0), target.stride(0) if prob_target else 0,
+        grad.stride(0), grad_output.stride(0),
+        opts.ignore_index, smoothing, opts.z_loss, logit_scale, softcap,
+        SMOOTHING=opts.label_smoothing > 0, COMPUTE_STATS=False, WRITE_LOSS=False,
+        WRITE_GRAD=True, HAS_ROW_SCALE=True,
+        BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps, **flags)
+    return grad

@@ -1,0 +1,98 @@
+"""Row softmax and log-softmax, forward and backward, with online max subtraction in fp32.
+
+A row whose entries are all -inf gives softmax 0 (gradient 0) and log_softmax -inf (gradient
+equal to the upstream one), never NaN. Passes over an N x C input of B bytes: forward reads the
+row twice (the second read meant to hit L2) and writes once; backward reads output and upstream
+gradient twice and writes once.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import warps_for_block
+
+MAX_BLOCK_SIZE = 4096
+
+
+@triton.jit
+def softmax_forward_kernel(
+    x_ptr,  # (N, C) input, classes contiguous, rows x_row_stride apart
+    y_ptr,  # (N, C) out: softmax (or log_softmax if LOG), contiguous
+    n_cols, x_row_stride,
+    LOG: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row_ptr = x_ptr + row * x_row_stride
+    y_row_ptr = y_ptr + row * n_cols
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.full([], 0.0, tl.float32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        x = tl.load(x_row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # exp(-inf - -inf) would be NaN
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # all -inf row: exp(-inf - 0) = 0, -inf - 0 = -inf
+    for start in range(0, n_cols, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        x = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        y = x - lse if LOG else tl.exp(x - lse)
+        tl.store(y_row_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_backward_kernel(
+    y_ptr,  # (N, C) saved forward output, contiguous
+    dy_ptr,  # (N, C) upstream gradient, rows dy_row_stride apart, classes contiguous
+    dx_ptr,  # (N, C) out, contiguous
+    n_cols, dy_row_stride,
+    LOG: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """softmax: dx = y (dy - sum(dy y));  log_softmax: dx = dy - exp(y) sum(dy)."""
+    row = tl.program_id(0).to(tl.int64)
+    y_row_ptr = y_ptr + row * n_cols
+    dy_row_ptr = dy_ptr + row * dy_row_stride
+    dot = tl.full([], 0.0, tl.float32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        dy = tl.load(dy_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if LOG:
+            dot += tl.sum(dy, 0)
+        else:
+            dot += tl.sum(dy * tl.load(y_row_ptr + cols, mask=mask, other=0.0).to(tl.float32), 0)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        dy = tl.load(dy_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dx = dy - tl.exp(y) * dot if LOG else y * (dy - dot)
+        tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _block(n_cols):
+    block_size = min(MAX_BLOCK_SIZE, max(16, triton.next_power_of_2(n_cols)))
+    return block_size, warps_for_block(block_size)
+
+
+def softmax_forward(x, y, log):
+    """y = softmax(x) or log_softmax(x) over the last dim of 2-D x; y contiguous."""
+    n_rows, n_cols = x.shape
+    if n_rows and n_cols:
+        block_size, num_warps = _block(n_cols)
+        softmax_forward_kernel[(n_rows,)](x, y, n_cols, x.stride(0), LOG=log, BLOCK_SIZE=block_size,
+                                          num_warps=num_warps)
+    return y
+
+
+def softmax_backward(y, dy, dx, log):
+    """dx from the saved output y and upstream dy (classes contiguous); dx contiguous."""
+    n_rows, n_cols = y.shape
+    if n_rows and n_cols:
+        block_size, num_warps = _block(n_cols)
+        softmax_backward_kernel[(n_rows,)](y, dy, dx, n_cols, dy.stride(0), LOG=log, BLOCK_SIZE=block_size,
+                                           num_warps=num_warps)
+    return dx

@@ -1,0 +1,61 @@
+"""Which implementation runs an op: compiled Triton, the Triton interpreter, or pure PyTorch.
+
+- NANFUSE_BACKEND unset or "auto": CUDA tensors take the Triton kernels, everything else PyTorch.
+- "torch": always the pure-PyTorch path.
+- "triton": the Triton kernels for CUDA tensors (as auto), PyTorch for the rest.
+- "interpret": the Triton kernels for every tensor, CPU tensors through the Triton interpreter.
+  TRITON_INTERPRET=1 is set here, when nanfuse is imported, before any kernel module is.
+float64 always takes the PyTorch path (in float64), so torch.autograd.gradcheck works.
+"""
+
+import contextlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "interpret")
+
+_env_backend = os.environ.get("NANFUSE_BACKEND", "auto").strip().lower() or "auto"
+if _env_backend not in BACKENDS:
+    raise ValueError(f"NANFUSE_BACKEND must be one of {BACKENDS}, got {_env_backend!r}")
+if _env_backend == "interpret":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+_override: str | None = None
+
+
+def current_backend() -> str:
+    """The backend in force: the innermost use_backend(...) if any, else NANFUSE_BACKEND."""
+    return _override or _env_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops in this block on one backend ("auto", "torch", "triton"; "interpret" needs the env var)."""
+    global _override
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the interpreter must be chosen before import: set NANFUSE_BACKEND=interpret")
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def uses_triton(tensor: torch.Tensor) -> bool:
+    """True when the op on `tensor` should run the Triton kernels rather than pure PyTorch."""
+    if tensor.dtype == torch.float64:
+        return False
+    backend = current_backend()
+    if backend == "torch":
+        return False
+    if tensor.is_cuda:
+        return True
+    return backend == "interpret" and tensor.device.type == "cpu"
+
+
+def may_read_values(tensor: torch.Tensor) -> bool:
+    """True where reading a tensor's value into Python costs no device sync: CPU, in eager mode."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()

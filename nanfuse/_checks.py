@@ -1,0 +1,65 @@
+"""Argument checks shared by every backend: a clear Python error that names the argument."""
+
+import math
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_logits(name, tensor):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
+
+
+def check_cross_entropy_args(input, target, weight, opts):
+    check_logits("input", input)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension: shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if n_classes == 0:
+        raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(f"target of class probabilities must have input's shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)}")
+    elif target.dtype in (torch.bool, torch.complex64, torch.complex128) or target.is_complex():
+        raise TypeError(f"target must hold integer class indices or float probabilities, got {target.dtype}")
+    else:
+        expected = input.shape[1:] if input.dim() == 1 else input.shape[:1] + input.shape[2:]
+        expected = () if input.dim() == 1 else expected
+        if tuple(target.shape) != tuple(expected):
+            raise ValueError(f"target of class indices must have shape {tuple(expected)} for input of shape "
+                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError("weight must be a floating-point tensor of one weight per class")
+        if weight.shape != (n_classes,):
+            raise ValueError(f"weight must have shape ({n_classes},), one per class, got {tuple(weight.shape)}")
+        if weight.device != input.device:
+            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    if opts.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
+    if not 0.0 <= opts.label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {opts.label_smoothing}")
+    if opts.softcap is not None and not (opts.softcap > 0 and math.isfinite(opts.softcap)):
+        raise ValueError(f"softcap must be a finite number > 0 or None, got {opts.softcap}")
+    if not (opts.logit_scale > 0 and math.isfinite(opts.logit_scale)):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {opts.logit_scale}")
+    if not (opts.z_loss >= 0 and math.isfinite(opts.z_loss)):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {opts.z_loss}")
+    if opts.inplace_backward and input.requires_grad:
+        if input.is_leaf:
+            raise ValueError("inplace_backward=True would overwrite input, a leaf that requires grad, with its "
+                             "own gradient; pass inplace_backward=False")
+        if input.dim() > 2 or input.stride(-1) != 1:
+            raise ValueError("inplace_backward=True needs input of shape (C,) or (N, C) with contiguous classes; "
+                             f"got shape {tuple(input.shape)} and strides {input.stride()}")

@@ -1,0 +1,141 @@
+"""Softmax-cross-entropy in pure PyTorch: the same math as kernels/cross_entropy.py, for CPU tensors.
+
+Rows are processed in chunks of about CHUNK_ELEMENTS logits, so every temporary is chunk-sized
+(it stays in cache) and nothing N x C is made beyond the gradient itself. Per chunk: max, exp,
+sum, then the loss terms and the gradient written straight into its buffer. Accumulation is in
+fp32 (fp64 for fp64 logits).
+"""
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 16
+
+
+def _row_chunks(n_rows, n_classes):
+    rows = max(1, CHUNK_ELEMENTS // max(n_classes, 1))
+    for start in range(0, n_rows, rows):
+        yield slice(start, min(start + rows, n_rows))
+
+
+def _acc_dtype(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _transformed(chunk, opts, acc):
+    """Scaled, soft-capped logits in the accumulation dtype; may alias `chunk`, so never write to it."""
+    x = chunk.to(acc)
+    if opts.logit_scale != 1.0:
+        x = x * opts.logit_scale
+    if opts.softcap is not None:
+        # -inf stays -inf (tanh(-inf) = -1 would turn a masked class into a finite logit)
+        x = torch.where(x == float("-inf"), x, opts.softcap * torch.tanh(x / opts.softcap))
+    return x
+
+
+class _RowTargets:
+    """Per-row target quantities of one chunk: validity, a_y, A, and the dense a_c."""
+
+    def __init__(self, target, weight, scalars, opts, n_classes, acc, mass=None):
+        self.prob = target.dim() == 2
+        eps = opts.label_smoothing
+        w = None if weight is None else weight.to(acc)
+        if self.prob:
+            self.valid = self.ok = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+            self.target_coef = None
+            t = target.to(acc)
+            self.dense = (1.0 - eps) * t + eps / n_classes
+            if w is not None:
+                self.dense = self.dense * w
+            self.mass = self.dense.sum(1) if mass is None else mass
+        else:
+            self.valid = target != opts.ignore_index
+            in_range = (target >= 0) & (target < n_classes)
+            self.ok = self.valid & in_range
+            self.y = torch.where(in_range, target, 0).unsqueeze(1)
+            w_y = torch.ones((), dtype=acc, device=target.device) if w is None else w[self.y.squeeze(1)]
+            self.target_coef = w_y * (1.0 - eps)
+            self.dense = None
+            if eps > 0:
+                self.dense = (eps / n_classes) * (torch.ones((), dtype=acc, device=target.device) if w is None else w)
+            self.mass = self.target_coef + eps * scalars[2] / n_classes
+        # ignored rows give exactly 0; a non-ignored out-of-range target poisons its row with NaN
+        self.fill = torch.where(self.valid, float("nan"), 0.0).to(acc)
+
+    def finish(self, value):
+        """value for good rows, 0 for ignored rows, NaN for rows with an out-of-range target."""
+        ok = self.ok if value.dim() == 1 else self.ok.unsqueeze(1)
+        fill = self.fill if value.dim() == 1 else self.fill.unsqueeze(1)
+        return torch.where(ok, value, fill)
+
+
+def _row_loss(x, lse, rt, ce_scale, z_scale, opts):
+    ce = torch.zeros_like(lse)
+    if rt.dense is not None:
+        ce = (rt.dense * torch.where(rt.dense != 0, lse.unsqueeze(1) - x, 0.0)).sum(1)
+    if rt.target_coef is not None:
+        x_y = x.gather(1, rt.y).squeeze(1)
+        ce = ce + torch.where(rt.target_coef != 0, rt.target_coef * (lse - x_y), 0.0)
+    loss = torch.where(ce_scale != 0, ce_scale * ce, 0.0)
+    loss = loss + torch.where(z_scale != 0, z_scale * opts.z_loss * lse * lse, 0.0)
+    return rt.finish(loss)
+
+
+def _write_grad(out, e, p_scale, x, lse, rt, ce_scale, z_scale, opts):
+    """out = dloss/dlogits for the chunk, given e = p / p_scale (rows), in the accumulation dtype."""
+    p_coef = (ce_scale * rt.mass + 2.0 * z_scale * opts.z_loss * lse) * p_scale * opts.logit_scale
+    g = e.mul_(p_coef.unsqueeze(1))
+    if rt.dense is not None:
+        g.sub_((ce_scale.unsqueeze(-1) if ce_scale.dim() else ce_scale) * opts.logit_scale * rt.dense)
+    if rt.target_coef is not None:
+        # the target's p - 1, formed in the accumulation dtype before the one store
+        g.scatter_add_(1, rt.y, -(ce_scale * rt.target_coef * opts.logit_scale).expand(len(lse)).unsqueeze(1))
+    if opts.softcap is not None:
+        g.mul_(torch.where(x == float("-inf"), 0.0, 1.0 - (x / opts.softcap) ** 2))
+    out.copy_(rt.finish(g))
+
+
+def _lse_and_exp(x):
+    """Row lse and exp(x - shift) of a chunk; shift is the row max, or 0 for an all -inf row."""
+    m = x.amax(1, keepdim=True)
+    shift = torch.where(m == float("-inf"), 0.0, m)
+    e = torch.sub(x, shift).exp_()
+    s = e.sum(1)
+    return shift.squeeze(1) + s.log(), e, s
+
+
+def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
+    """Row losses (normalised for the reduction), row lse and row A; fills `grad` if given.
+
+    One read of the logits and, with `grad`, one write of the gradient, chunk by chunk.
+    """
+    n_rows, n_classes = logits.shape
+    acc = _acc_dtype(logits)
+    scalars = scalars.to(acc)
+    ce_scale, z_scale = scalars[0], scalars[1]
+    loss = torch.empty(n_rows, dtype=acc, device=logits.device)
+    lse_all = torch.empty(n_rows, dtype=acc, device=logits.device)
+    mass_all = torch.empty(n_rows, dtype=acc, device=logits.device)
+    for rows in _row_chunks(n_rows, n_classes):
+        x = _transformed(logits[rows], opts, acc)
+        rt = _RowTargets(target[rows], weight, scalars, opts, n_classes, acc)
+        lse, e, s = _lse_and_exp(x)
+        loss[rows] = _row_loss(x, lse, rt, ce_scale, z_scale, opts)
+        lse_all[rows] = lse
+        mass_all[rows] = rt.mass
+        if grad is not None:
+            _write_grad(grad[rows], e, 1.0 / s, x, lse, rt, ce_scale, z_scale, opts)
+    return loss, lse_all, mass_all
+
+
+def cross_entropy_backward(logits, target, weight, scalars, opts, lse, mass, grad_output, grad):
+    """Gradient of reduction='none' into `grad`, from the saved row lse and A."""
+    n_rows, n_classes = logits.shape
+    acc = _acc_dtype(logits)
+    scalars = scalars.to(acc)
+    for rows in _row_chunks(n_rows, n_classes):
+        x = _transformed(logits[rows], opts, acc)
+        rt = _RowTargets(target[rows], weight, scalars, opts, n_classes, acc, mass=mass[rows].to(acc))
+        upstream = grad_output[rows].to(acc)
+        e = torch.sub(x, lse[rows].unsqueeze(1)).exp_()
+        _write_grad(grad[rows], e, 1.0, x, lse[rows], rt, scalars[0] * upstream, scalars[1] * upstream, opts)
+    return grad
