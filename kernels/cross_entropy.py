@@ -54,7 +54,7 @@ def _chunk_stats(logits_row_ptr, target_row_ptr, weight_ptr, col_start, col_end,
                  smoothing, logit_scale, softcap,
                  HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr):
-    """Online log-sum-exp of columns [col_start, col_end) and, for probability targets, sum_c a_c there."""
+    """Online max m and sum_c exp(x_c - m) of columns [col_start, col_end); for probability targets, sum_c a_c."""
     m = tl.full([], float("-inf"), tl.float32)  # running max
     s = tl.full([], 0.0, tl.float32)  # running sum of exp(x - m)
     mass = tl.full([], 0.0, tl.float32)
@@ -70,7 +70,16 @@ def _chunk_stats(logits_row_ptr, target_row_ptr, weight_ptr, col_start, col_end,
         if PROB_TARGET:
             mass += tl.sum(_dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
                                        PROB_TARGET, HAS_WEIGHT), 0)
-    return m + tl.log(s), mass
+    return m, s, mass
+
+
+@triton.jit
+def _row_lse(m, s):
+    """lse = shift + log_s, kept as two fp32 numbers: x - lse as (x - shift) - log_s stays exact for large logits.
+
+    An all -inf row has shift 0 and log_s -inf.
+    """
+    return tl.where(m == float("-inf"), 0.0, m), tl.log(s)
 
 
 @triton.jit
@@ -78,7 +87,8 @@ def cross_entropy_stats_kernel(
     logits_ptr,  # (N, C), classes contiguous
     target_ptr,  # (N, C) probabilities (PROB_TARGET), else unused
     weight_ptr,  # (C,) class weights (HAS_WEIGHT)
-    part_lse_ptr,  # fp32 (N, n_chunks) out: lse of each column chunk
+    part_max_ptr,  # fp32 (N, n_chunks) out: max of each column chunk
+    part_sum_ptr,  # fp32 (N, n_chunks) out: sum of exp(x - max) of each column chunk
     part_mass_ptr,  # fp32 (N, n_chunks) out: sum_c a_c of each chunk (PROB_TARGET)
     n_classes, chunk_size, logits_row_stride, target_row_stride,
     smoothing, logit_scale, softcap,
@@ -90,11 +100,12 @@ def cross_entropy_stats_kernel(
     chunk = tl.program_id(1)
     col_start = chunk * chunk_size
     col_end = tl.minimum(col_start + chunk_size, n_classes)
-    lse, mass = _chunk_stats(logits_ptr + row * logits_row_stride, target_ptr + row * target_row_stride,
+    m, s, mass = _chunk_stats(logits_ptr + row * logits_row_stride, target_ptr + row * target_row_stride,
                              weight_ptr, col_start, col_end, n_classes, smoothing, logit_scale, softcap,
                              HAS_SOFTCAP, HAS_WEIGHT, PROB_TARGET, BLOCK_SIZE)
     part = row * tl.num_programs(1) + chunk
-    tl.store(part_lse_ptr + part, lse)
+    tl.store(part_max_ptr + part, m)
+    tl.store(part_sum_ptr + part, s)
     if PROB_TARGET:
         tl.store(part_mass_ptr + part, mass)
 
@@ -107,9 +118,11 @@ def cross_entropy_kernel(
     weight_ptr,  # (C,) class weights (HAS_WEIGHT)
     scalars_ptr,  # fp32 [ce_norm, z_norm, weight_sum] on the device: reduction normalisers and sum_c w_c
     row_scale_ptr,  # fp32 upstream gradient per row (HAS_ROW_SCALE), row_scale_stride apart (0: broadcast)
-    part_lse_ptr,  # fp32 (N, n_parts) partial lse to combine (read unless COMPUTE_STATS)
+    part_max_ptr,  # fp32 (N, n_parts) partial maxima to combine (read unless COMPUTE_STATS)
+    part_sum_ptr,  # fp32 (N, n_parts) partial sums of exp(x - max) (read unless COMPUTE_STATS)
     part_mass_ptr,  # fp32 (N, n_parts) partial sum_c a_c (PROB_TARGET, read unless COMPUTE_STATS)
-    lse_ptr,  # fp32 (N,) out: row lse (WRITE_LOSS)
+    max_ptr,  # fp32 (N,) out: row max (WRITE_LOSS)
+    sum_ptr,  # fp32 (N,) out: row sum of exp(x - max) (WRITE_LOSS)
     mass_ptr,  # fp32 (N,) out: row sum_c a_c (WRITE_LOSS and PROB_TARGET)
     loss_ptr,  # fp32 (N, n_chunks) out: each chunk's share of the normalised row loss (WRITE_LOSS)
     grad_ptr,  # (N, C) out: gradient in the logits' dtype, rows grad_row_stride apart (WRITE_GRAD)
@@ -125,8 +138,8 @@ def cross_entropy_kernel(
 ):
     """Grid (N, n_chunks): loss share and gradient of one column chunk of one row.
 
-    COMPUTE_STATS (one chunk per row) computes the row's lse here; otherwise the row's n_parts
-    partials (from the stats kernel, or the lse saved by forward) are combined first.
+    COMPUTE_STATS (one chunk per row) computes the row's max and sum-exp here; otherwise the row's
+    n_parts partials (from the stats kernel, or the row statistics saved by forward) are combined first.
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 for large N x C
     chunk = tl.program_id(1)
@@ -151,9 +164,9 @@ def cross_entropy_kernel(
             w_y = 1.0
         target_coef = w_y * (1.0 - smoothing)  # a_y gets this on top of the dense part
 
-    # 2. row statistics: lse and A = sum_c a_c
+    # 2. row statistics: max, sum-exp and A = sum_c a_c
     if COMPUTE_STATS:
-        lse, mass = _chunk_stats(logits_row_ptr, target_row_ptr, weight_ptr, 0, n_classes, n_classes,
+        m, s, mass = _chunk_stats(logits_row_ptr, target_row_ptr, weight_ptr, 0, n_classes, n_classes,
                                  smoothing, logit_scale, softcap,
                                  HAS_SOFTCAP, HAS_WEIGHT, PROB_TARGET, BLOCK_SIZE)
     else:
@@ -161,14 +174,15 @@ def cross_entropy_kernel(
         s = tl.full([], 0.0, tl.float32)
         mass = tl.full([], 0.0, tl.float32)
         for k in range(0, n_parts):
-            part_lse = tl.load(part_lse_ptr + row * n_parts + k)
-            m_new = tl.maximum(m, part_lse)
+            part_max = tl.load(part_max_ptr + row * n_parts + k)
+            m_new = tl.maximum(m, part_max)
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - shift) + tl.exp(part_lse - shift)
+            s = s * tl.exp(m - shift) + tl.load(part_sum_ptr + row * n_parts + k) * tl.exp(part_max - shift)
             m = m_new
             if PROB_TARGET:
                 mass += tl.load(part_mass_ptr + row * n_parts + k)
-        lse = m + tl.log(s)
+    shift, log_s = _row_lse(m, s)
+    lse = shift + log_s
     if not PROB_TARGET:
         mass = target_coef + smoothing * tl.load(scalars_ptr + 2) / n_classes
 
@@ -193,9 +207,9 @@ def cross_entropy_kernel(
                 a = _dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
                                 PROB_TARGET, HAS_WEIGHT)
                 # a_c = 0 adds nothing, also where x_c = -inf (0 * inf is NaN)
-                dense_loss += tl.sum(a * tl.where(a != 0.0, lse - x, 0.0), 0)
+                dense_loss += tl.sum(a * tl.where(a != 0.0, (shift - x) + log_s, 0.0), 0)
             if WRITE_GRAD:
-                g = p_coef * tl.exp(x - lse)
+                g = p_coef * tl.exp((x - shift) - log_s)
                 if SMOOTHING or PROB_TARGET:
                     g -= ce_scale * a
                 if not PROB_TARGET:
@@ -214,14 +228,15 @@ def cross_entropy_kernel(
         if not PROB_TARGET:
             x_y = _load_logits(logits_row_ptr, y, y < n_classes, logit_scale, softcap, HAS_SOFTCAP)
             owns_target = (y >= col_start) & (y < col_end) & (target_coef != 0.0)
-            ce += tl.where(owns_target, target_coef * (lse - x_y), 0.0)
+            ce += tl.where(owns_target, target_coef * ((shift - x_y) + log_s), 0.0)
         loss = tl.where(ce_scale != 0.0, ce_scale * ce, 0.0)
         if chunk == 0:
             loss += tl.where(z_scale != 0.0, z_scale * z_loss * lse * lse, 0.0)
         loss = tl.where(valid, loss + poison, 0.0)
         tl.store(loss_ptr + row * tl.num_programs(1) + chunk, loss)
         if chunk == 0:
-            tl.store(lse_ptr + row, lse)
+            tl.store(max_ptr + row, m)
+            tl.store(sum_ptr + row, s)
             if PROB_TARGET:
                 tl.store(mass_ptr + row, mass)
 
@@ -264,9 +279,9 @@ def _common_args(logits, target, weight, prob_target, opts):
 
 
 def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
-    """Row losses (normalised for the reduction), row lse and row A; writes the gradient into `grad` if given.
-
-    logits: (N, C) with contiguous classes; target: (N,) int64 or (N, C) probabilities.
+    """Row losses (normalised for the reduction) and row statistics (max, sum-exp, A) for backward;
+    writes the gradient into `grad` if given. logits: (N, C), classes contiguous; target: (N,) int64
+    or (N, C) probabilities.
     """
     n_rows, n_classes = logits.shape
     prob_target = target.dim() == 2
@@ -274,23 +289,22 @@ def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
     flags, (smoothing, logit_scale, softcap) = _common_args(logits, target, weight, prob_target, opts)
     f32 = dict(device=logits.device, dtype=torch.float32)
     loss = torch.empty(n_rows, cfg.n_chunks, **f32)
-    lse = torch.empty(n_rows, **f32)
-    mass = torch.empty(n_rows, **f32) if prob_target else lse
-    parts_lse = parts_mass = lse
+    stats = torch.empty(3 if prob_target else 2, n_rows, **f32)  # rows of max, sum-exp, A
+    row_max, row_sum, mass = stats[0], stats[1], stats[-1]
     if n_rows == 0:
-        return loss.sum(1), lse, mass
+        return loss.sum(1), stats
     target_row_stride = target.stride(0) if prob_target else 0
     weight = logits if weight is None else weight  # never read without HAS_WEIGHT
+    parts = stats
     if cfg.n_chunks > 1:
-        parts_lse = torch.empty(n_rows, cfg.n_chunks, **f32)
-        parts_mass = torch.empty(n_rows, cfg.n_chunks, **f32) if prob_target else parts_lse
+        parts = torch.empty(stats.shape[0], n_rows, cfg.n_chunks, **f32)
         cross_entropy_stats_kernel[(n_rows, cfg.n_chunks)](
-            logits, target, weight, parts_lse, parts_mass,
+            logits, target, weight, parts[0], parts[1], parts[-1],
             n_classes, cfg.chunk_size, logits.stride(0), target_row_stride,
             smoothing, logit_scale, softcap,
             BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps, **flags)
     cross_entropy_kernel[(n_rows, cfg.n_chunks)](
-        logits, target, weight, scalars, scalars, parts_lse, parts_mass, lse, mass, loss,
+        logits, target, weight, scalars, scalars, parts[0], parts[1], parts[-1], row_max, row_sum, mass, loss,
         logits if grad is None else grad,
         n_classes, cfg.chunk_size, cfg.n_chunks, logits.stride(0), target_row_stride,
         0 if grad is None else grad.stride(0), 0,
@@ -298,11 +312,11 @@ def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
         SMOOTHING=opts.label_smoothing > 0, COMPUTE_STATS=cfg.n_chunks == 1, WRITE_LOSS=True,
         WRITE_GRAD=grad is not None, HAS_ROW_SCALE=False,
         BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps, **flags)
-    return (loss[:, 0] if cfg.n_chunks == 1 else loss.sum(1)), lse, mass
+    return (loss[:, 0] if cfg.n_chunks == 1 else loss.sum(1)), stats
 
 
-def cross_entropy_backward(logits, target, weight, scalars, opts, lse, mass, grad_output, grad):
-    """Gradient of reduction='none' into `grad` from the saved row lse and A: one read, one write."""
+def cross_entropy_backward(logits, target, weight, scalars, opts, stats, grad_output, grad):
+    """Gradient of reduction='none' into `grad` from the saved row statistics: one read, one write."""
     n_rows, n_classes = logits.shape
     if n_rows == 0:
         return grad
@@ -310,8 +324,8 @@ def cross_entropy_backward(logits, target, weight, scalars, opts, lse, mass, gra
     cfg = launch_config(n_rows, n_classes, _multiprocessor_count(logits.device))
     flags, (smoothing, logit_scale, softcap) = _common_args(logits, target, weight, prob_target, opts)
     cross_entropy_kernel[(n_rows, cfg.n_chunks)](
-        logits, target, logits if weight is None else weight, scalars, grad_output, lse, mass,
-        lse, mass, lse, grad,
+        logits, target, logits if weight is None else weight, scalars, grad_output, stats[0], stats[1], stats[-1],
+        stats[0], stats[1], stats[-1], stats, grad,
         n_classes, cfg.chunk_size, 1, logits.stride(0), target.stride(0) if prob_target else 0,
         grad.stride(0), grad_output.stride(0),
         opts.ignore_index, smoothing, opts.z_loss, logit_scale, softcap,

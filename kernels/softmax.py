@@ -33,13 +33,15 @@ def softmax_forward_kernel(
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # exp(-inf - -inf) would be NaN
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
         m = m_new
-    lse = m + tl.log(s)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)  # all -inf row: exp(-inf - 0) = 0, -inf - 0 = -inf
+    # x - lse as (x - shift) - log_s: exact for large logits. An all -inf row has s = 0: shift and
+    # log_s are 0 there, so softmax is exp(-inf) = 0 and log_softmax is -inf.
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.where(s == 0.0, 0.0, tl.log(s))
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
         x = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        y = x - lse if LOG else tl.exp(x - lse)
+        y = (x - shift) - log_s if LOG else tl.exp((x - shift) - log_s)
         tl.store(y_row_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -34,13 +34,14 @@ def _implementation(logits):
         return cross_entropy, scale.scale_
     from .fallback import cross_entropy
 
-    return cross_entropy, _scale_eager_
+    return cross_entropy, _scaled
 
 
-def _scale_eager_(grad, factor):
-    if _backend.may_read_values(factor) and factor.item() == 1.0:  # free on CPU, and skips a pass
+def _scaled(grad, factor):
+    """grad * factor out of place (so backward may run again), and no pass at all when factor is 1 on CPU."""
+    if _backend.may_read_values(factor) and factor.item() == 1.0:  # CPU: reading it costs no sync
         return grad
-    return grad.mul_(factor.to(grad.dtype))
+    return grad * factor.to(grad.dtype)
 
 
 def _scalars(target, weight, opts, n_rows, n_classes, dtype):
@@ -71,7 +72,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, opts):
-        impl, scale_ = _implementation(logits)
+        impl, scale = _implementation(logits)
         n_rows, n_classes = logits.shape
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         scalars = _scalars(target, weight, opts, n_rows, n_classes, acc)
@@ -79,15 +80,15 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad = None
         if needs_grad and opts.reduction != "none":
             grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        row_loss, lse, mass = impl.cross_entropy_forward(logits, target, weight, scalars, opts, grad)
+        row_loss, stats = impl.cross_entropy_forward(logits, target, weight, scalars, opts, grad)
         if grad is not None and opts.inplace_backward:
             # the logits now hold the gradient: any op that saved them must fail loudly in backward
             torch.autograd.graph.increment_version(logits)
-        ctx.opts, ctx.scale_, ctx.impl, ctx.backward_done = opts, scale_, impl, False
+        ctx.opts, ctx.scale, ctx.impl, ctx.backward_done = opts, scale, impl, False
         if grad is not None:
             ctx.save_for_backward(grad)
         elif needs_grad:
-            ctx.save_for_backward(logits, target, weight, scalars, lse, mass)
+            ctx.save_for_backward(logits, target, weight, scalars, stats)
         if opts.reduction == "none":
             return row_loss
         return row_loss.sum()
@@ -96,17 +97,18 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         opts = ctx.opts
         if opts.reduction != "none":
-            if ctx.backward_done:
+            if ctx.backward_done and ctx.scale is not _scaled:
                 raise RuntimeError(
-                    "nanfuse.cross_entropy: the gradient written in forward is scaled in place by backward, so "
+                    "nanfuse.cross_entropy: on the Triton path the gradient written in forward is scaled in "
+                    "place by backward, so "
                     "it cannot run twice through the same graph (retain_graph=True); use reduction='none' "
                     "and .sum()/.mean() the result instead")
             ctx.backward_done = True
             (grad,) = ctx.saved_tensors
-            return ctx.scale_(grad, grad_output), None, None, None
-        logits, target, weight, scalars, lse, mass = ctx.saved_tensors
+            return ctx.scale(grad, grad_output), None, None, None
+        logits, target, weight, scalars, stats = ctx.saved_tensors
         grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        ctx.impl.cross_entropy_backward(logits, target, weight, scalars, opts, lse, mass, grad_output, grad)
+        ctx.impl.cross_entropy_backward(logits, target, weight, scalars, opts, stats, grad_output, grad)
         if opts.inplace_backward:
             torch.autograd.graph.increment_version(logits)
         return grad, None, None, None

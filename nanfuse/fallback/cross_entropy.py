@@ -68,13 +68,16 @@ class _RowTargets:
         return torch.where(ok, value, fill)
 
 
-def _row_loss(x, lse, rt, ce_scale, z_scale, opts):
-    ce = torch.zeros_like(lse)
+def _row_loss(x, shift, log_s, rt, ce_scale, z_scale, opts):
+    """Normalised row losses of a chunk; lse - x is formed as (shift - x) + log_s, exact for large logits."""
+    ce = torch.zeros_like(shift)
     if rt.dense is not None:
-        ce = (rt.dense * torch.where(rt.dense != 0, lse.unsqueeze(1) - x, 0.0)).sum(1)
+        gap = (shift.unsqueeze(1) - x) + log_s.unsqueeze(1)
+        ce = (rt.dense * torch.where(rt.dense != 0, gap, 0.0)).sum(1)
     if rt.target_coef is not None:
         x_y = x.gather(1, rt.y).squeeze(1)
-        ce = ce + torch.where(rt.target_coef != 0, rt.target_coef * (lse - x_y), 0.0)
+        ce = ce + torch.where(rt.target_coef != 0, rt.target_coef * ((shift - x_y) + log_s), 0.0)
+    lse = shift + log_s
     loss = torch.where(ce_scale != 0, ce_scale * ce, 0.0)
     loss = loss + torch.where(z_scale != 0, z_scale * opts.z_loss * lse * lse, 0.0)
     return rt.finish(loss)
@@ -94,48 +97,46 @@ def _write_grad(out, e, p_scale, x, lse, rt, ce_scale, z_scale, opts):
     out.copy_(rt.finish(g))
 
 
-def _lse_and_exp(x):
-    """Row lse and exp(x - shift) of a chunk; shift is the row max, or 0 for an all -inf row."""
+def _row_stats(x):
+    """Row shift (the max, or 0 for an all -inf row), exp(x - shift) and its row sum, for a chunk."""
     m = x.amax(1, keepdim=True)
     shift = torch.where(m == float("-inf"), 0.0, m)
     e = torch.sub(x, shift).exp_()
-    s = e.sum(1)
-    return shift.squeeze(1) + s.log(), e, s
+    return shift.squeeze(1), e, e.sum(1)
 
 
 def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
-    """Row losses (normalised for the reduction), row lse and row A; fills `grad` if given.
-
-    One read of the logits and, with `grad`, one write of the gradient, chunk by chunk.
+    """Row losses (normalised for the reduction) and row statistics (shift, sum-exp, A) for backward;
+    fills `grad` if given. One read of the logits and, with `grad`, one write, chunk by chunk.
     """
     n_rows, n_classes = logits.shape
     acc = _acc_dtype(logits)
     scalars = scalars.to(acc)
     ce_scale, z_scale = scalars[0], scalars[1]
     loss = torch.empty(n_rows, dtype=acc, device=logits.device)
-    lse_all = torch.empty(n_rows, dtype=acc, device=logits.device)
-    mass_all = torch.empty(n_rows, dtype=acc, device=logits.device)
+    stats = torch.empty(3, n_rows, dtype=acc, device=logits.device)
     for rows in _row_chunks(n_rows, n_classes):
         x = _transformed(logits[rows], opts, acc)
         rt = _RowTargets(target[rows], weight, scalars, opts, n_classes, acc)
-        lse, e, s = _lse_and_exp(x)
-        loss[rows] = _row_loss(x, lse, rt, ce_scale, z_scale, opts)
-        lse_all[rows] = lse
-        mass_all[rows] = rt.mass
+        shift, e, s = _row_stats(x)
+        log_s = s.log()
+        loss[rows] = _row_loss(x, shift, log_s, rt, ce_scale, z_scale, opts)
+        stats[0, rows], stats[1, rows], stats[2, rows] = shift, s, rt.mass
         if grad is not None:
-            _write_grad(grad[rows], e, 1.0 / s, x, lse, rt, ce_scale, z_scale, opts)
-    return loss, lse_all, mass_all
+            _write_grad(grad[rows], e, 1.0 / s, x, shift + log_s, rt, ce_scale, z_scale, opts)
+    return loss, stats
 
 
-def cross_entropy_backward(logits, target, weight, scalars, opts, lse, mass, grad_output, grad):
-    """Gradient of reduction='none' into `grad`, from the saved row lse and A."""
+def cross_entropy_backward(logits, target, weight, scalars, opts, stats, grad_output, grad):
+    """Gradient of reduction='none' into `grad`, from the saved row statistics."""
     n_rows, n_classes = logits.shape
     acc = _acc_dtype(logits)
     scalars = scalars.to(acc)
     for rows in _row_chunks(n_rows, n_classes):
         x = _transformed(logits[rows], opts, acc)
-        rt = _RowTargets(target[rows], weight, scalars, opts, n_classes, acc, mass=mass[rows].to(acc))
+        shift, log_s, mass = stats[0, rows], stats[1, rows].log(), stats[2, rows]
+        rt = _RowTargets(target[rows], weight, scalars, opts, n_classes, acc, mass=mass)
         upstream = grad_output[rows].to(acc)
-        e = torch.sub(x, lse[rows].unsqueeze(1)).exp_()
-        _write_grad(grad[rows], e, 1.0, x, lse[rows], rt, scalars[0] * upstream, scalars[1] * upstream, opts)
+        e = torch.sub(x, shift.unsqueeze(1)).sub_(log_s.unsqueeze(1)).exp_()
+        _write_grad(grad[rows], e, 1.0, x, shift + log_s, rt, scalars[0] * upstream, scalars[1] * upstream, opts)
     return grad

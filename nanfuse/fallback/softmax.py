@@ -17,7 +17,7 @@ def softmax_forward(x, y, log):
         e = torch.sub(chunk, shift).exp_()
         s = e.sum(1, keepdim=True)
         if log:
-            y[rows] = chunk - (shift + torch.where(s == 0, 0.0, s.log()))
+            y[rows] = (chunk - shift) - torch.where(s == 0, 0.0, s.log())
         else:
             y[rows] = e.mul_(torch.where(s == 0, 0.0, 1.0 / s))
     return y

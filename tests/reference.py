@@ -1,0 +1,52 @@
+"""The float64 oracle: the definitions of nanfuse's ops written plainly, independent of nanfuse's code."""
+
+import torch
+
+
+def transformed_logits(logits, logit_scale=1.0, softcap=None):
+    x = logits.double() * logit_scale
+    if softcap is not None:
+        x = torch.where(x == float("-inf"), x, softcap * torch.tanh(x / softcap))
+    return x
+
+
+def cross_entropy_ref(logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                      z_loss=0.0, softcap=None, logit_scale=1.0):
+    """Loss of (N, C) logits in float64; differentiable, so its autograd gradient is the reference gradient."""
+    x = transformed_logits(logits, logit_scale, softcap)
+    n_rows, n_classes = x.shape
+    eps = label_smoothing
+    w = torch.ones(n_classes, dtype=torch.float64) if weight is None else weight.double()
+    lse = torch.logsumexp(x, dim=1)
+    gap = lse[:, None] - x  # lse - x_c
+    if target.is_floating_point():
+        a = w * ((1 - eps) * target.double() + eps / n_classes)
+        ce = (a * torch.where(a != 0, gap, 0.0)).sum(1)
+        valid = torch.ones(n_rows, dtype=torch.bool)
+        ce_den = z_den = torch.tensor(float(n_rows), dtype=torch.float64)
+    else:
+        valid = target != ignore_index
+        y = torch.where(valid, target, 0)
+        w_y = w[y]
+        smooth = ((eps / n_classes) * w * torch.where(w != 0, gap, 0.0)).sum(1) if eps > 0 else 0.0
+        target_gap = gap.gather(1, y[:, None]).squeeze(1)
+        ce = torch.where(w_y * (1 - eps) != 0, w_y * (1 - eps) * target_gap, 0.0) + smooth
+        ce = torch.where(valid, ce, 0.0)
+        ce_den = torch.where(valid, w_y, 0.0).sum()
+        z_den = valid.sum().double()
+    z = torch.where(valid, z_loss * lse**2, 0.0)
+    if reduction == "none":
+        return ce + z
+    if reduction == "sum":
+        return ce.sum() + z.sum()
+    ce_mean = ce.sum() / ce_den if ce_den != 0 else ce.sum() * 0.0
+    z_mean = z.sum() / z_den if z_den != 0 else z.sum() * 0.0
+    return ce_mean + z_mean
+
+
+def softmax_ref(x, dim=-1, log=False):
+    """(log-)softmax in float64; an all -inf row gives 0 (softmax) or -inf (log_softmax)."""
+    x = x.double()
+    lse = torch.logsumexp(x, dim=dim, keepdim=True)
+    shift = torch.where(lse == float("-inf"), 0.0, lse)
+    return x - shift if log else torch.exp(x - shift)
