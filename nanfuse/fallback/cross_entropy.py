@@ -8,7 +8,9 @@ fp32 (fp64 for fp64 logits).
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 16
+from .._backend import may_read_values
+
+CHUNK_ELEMENTS = 1 << 21
 
 
 def _row_chunks(n_rows, n_classes):
@@ -61,6 +63,15 @@ class _RowTargets:
         # ignored rows give exactly 0; a non-ignored out-of-range target poisons its row with NaN
         self.fill = torch.where(self.valid, float("nan"), 0.0).to(acc)
 
+    def finish_rows_(self, out):
+        """finish() on the rows of `out` in place, touching only the rows that need it where that is free."""
+        if may_read_values(self.ok):
+            bad = ~self.ok
+            if bad.any():
+                out[bad] = self.fill[bad].unsqueeze(1).to(out.dtype)
+        else:
+            out.copy_(self.finish(out))
+
     def finish(self, value):
         """value for good rows, 0 for ignored rows, NaN for rows with an out-of-range target."""
         ok = self.ok if value.dim() == 1 else self.ok.unsqueeze(1)
@@ -86,7 +97,7 @@ def _row_loss(x, shift, log_s, rt, ce_scale, z_scale, opts):
 def _write_grad(out, e, p_scale, x, lse, rt, ce_scale, z_scale, opts):
     """out = dloss/dlogits for the chunk, given e = p / p_scale (rows), in the accumulation dtype."""
     p_coef = (ce_scale * rt.mass + 2.0 * z_scale * opts.z_loss * lse) * p_scale * opts.logit_scale
-    g = e.mul_(p_coef.unsqueeze(1))
+    g = torch.mul(e, p_coef.unsqueeze(1), out=out if out.dtype == e.dtype else e)
     if rt.dense is not None:
         g.sub_((ce_scale.unsqueeze(-1) if ce_scale.dim() else ce_scale) * opts.logit_scale * rt.dense)
     if rt.target_coef is not None:
@@ -94,7 +105,9 @@ def _write_grad(out, e, p_scale, x, lse, rt, ce_scale, z_scale, opts):
         g.scatter_add_(1, rt.y, -(ce_scale * rt.target_coef * opts.logit_scale).expand(len(lse)).unsqueeze(1))
     if opts.softcap is not None:
         g.mul_(torch.where(x == float("-inf"), 0.0, 1.0 - (x / opts.softcap) ** 2))
-    out.copy_(rt.finish(g))
+    if g is not out:
+        out.copy_(g)
+    rt.finish_rows_(out)
 
 
 def _row_stats(x):
