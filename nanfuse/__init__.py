@@ -2,8 +2,11 @@
 
 from . import _backend  # first: it sets TRITON_INTERPRET=1 for NANFUSE_BACKEND=interpret
 from ._backend import current_backend, use_backend
+from .clip import GradNormReport, clip_and_check_, clip_grad_norm_, grad_norm_check
 from .cross_entropy import CrossEntropyLoss, cross_entropy
+from .guard import NanGuard
 from .softmax import log_softmax, softmax
 
-__all__ = ["CrossEntropyLoss", "cross_entropy", "current_backend", "log_softmax", "softmax", "use_backend"]
+__all__ = ["CrossEntropyLoss", "GradNormReport", "NanGuard", "clip_and_check_", "clip_grad_norm_", "cross_entropy",
+           "current_backend", "grad_norm_check", "log_softmax", "softmax", "use_backend"]
 __version__ = "0.1.0"

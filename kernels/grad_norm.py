@@ -1,0 +1,246 @@
+"""Global gradient norm, non-finite check and clip over a list of tensors, in launches that do not grow
+with the number of tensors.
+
+Each dtype group of gradients is described by a device-side table (data pointers, sizes, first block
+of each tensor, first tensor of each program). Per call, for G bytes of gradients:
+1. grad_norm_partials_kernel, one launch per dtype group: each program walks a fixed run of blocks
+   and writes its partial (max |g|, sum (|g| / max)**p) over finite values and its NaN/Inf counts. One
+   read: G. Scaling by the running max (an online norm, like the online softmax) keeps 1e20-sized fp32
+   gradients from overflowing the sum of squares.
+2. grad_norm_finalize_kernel, one program: combines the partials in a fixed order (the norm is
+   bit-for-bit the same every run; no float atomics) into norm, clip coefficient and found-inf flag.
+3. grad_scale_kernel, one launch per dtype group: reads the coefficient on the device and returns at
+   once when it is 1 (no clipping needed, or non-finite gradients: the step will be skipped);
+   otherwise one read and one write: 2G.
+Nothing is read back to the host.
+"""
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .common import warps_for_block
+
+BLOCK_SIZE = 4096
+NORM_INF, NORM_1, NORM_2, NORM_P = 0, 1, 2, 3
+TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _pow(y, norm_type, NORM_KIND: tl.constexpr):
+    """y ** norm_type for y >= 0 (0 ** p = 0)."""
+    if NORM_KIND == 1:
+        return y
+    elif NORM_KIND == 2:
+        return y * y
+    else:
+        return tl.exp2(norm_type * tl.log2(y))
+
+
+@triton.jit
+def grad_norm_partials_kernel(
+    # the dtype group's table, int64
+    data_ptrs_ptr,  # (T,) data pointer of each tensor
+    numels_ptr,  # (T,) elements of each tensor
+    block_starts_ptr,  # (T + 1,) index of each tensor's first block among all the group's blocks
+    first_tensor_ptr,  # (P,) the tensor holding each program's first block
+    # outputs, one slot per program
+    partial_max_ptr,  # fp32 (P,) max |g| over finite values
+    partial_sum_ptr,  # fp32 (P,) sum over finite values of (|g| / partial_max) ** norm_type
+    nan_count_ptr,  # int32 (P,)
+    inf_count_ptr,  # int32 (P,)
+    total_blocks, blocks_per_program, norm_type,
+    DTYPE: tl.constexpr, NORM_KIND: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    block = pid * blocks_per_program
+    block_end = tl.minimum(block + blocks_per_program, total_blocks)
+    t = tl.load(first_tensor_ptr + pid)
+    next_start = tl.load(block_starts_ptr + t + 1)
+    running_max = tl.full([], 0.0, tl.float32)
+    running_sum = tl.full([], 0.0, tl.float32)
+    nan_count = tl.zeros([BLOCK_SIZE], tl.int32)
+    inf_count = tl.zeros([BLOCK_SIZE], tl.int32)
+    while block < block_end:
+        while block >= next_start:  # tables hold no empty tensor, but a program may start at a boundary
+            t += 1
+            next_start = tl.load(block_starts_ptr + t + 1)
+        data = tl.load(data_ptrs_ptr + t).to(tl.pointer_type(DTYPE))
+        offsets = (block - tl.load(block_starts_ptr + t)).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        g = tl.load(data + offsets, mask=offsets < tl.load(numels_ptr + t), other=0.0).to(tl.float32)
+        magnitude = tl.abs(g)
+        is_nan = g != g
+        is_inf = magnitude == float("inf")
+        nan_count += is_nan.to(tl.int32)
+        inf_count += is_inf.to(tl.int32)
+        magnitude = tl.where(is_nan | is_inf, 0.0, magnitude)
+        new_max = tl.maximum(running_max, tl.max(magnitude, 0))
+        if NORM_KIND != 0:
+            inv_max = tl.where(new_max > 0.0, 1.0 / new_max, 0.0)
+            running_sum = (running_sum * _pow(running_max * inv_max, norm_type, NORM_KIND)
+                           + tl.sum(_pow(magnitude * inv_max, norm_type, NORM_KIND), 0))
+        running_max = new_max
+        block += 1
+    tl.store(partial_max_ptr + pid, running_max)
+    tl.store(partial_sum_ptr + pid, running_sum)
+    tl.store(nan_count_ptr + pid, tl.sum(nan_count, 0))
+    tl.store(inf_count_ptr + pid, tl.sum(inf_count, 0))
+
+
+@triton.jit
+def grad_norm_finalize_kernel(
+    partial_max_ptr, partial_sum_ptr, nan_count_ptr, inf_count_ptr,  # (n_partials,) from the partials kernel
+    result_ptr,  # fp32 (4,) out: total norm, clip coefficient, found-inf flag (0.0 or 1.0), norm of the finite values
+    counts_ptr,  # int64 (2,) out: NaN count, Inf count
+    n_partials, max_norm, norm_type,
+    NORM_KIND: tl.constexpr, CLIP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """One program: combine the partials in a fixed order (reproducible), then norm, coefficient, flag."""
+    overall_max = tl.full([], 0.0, tl.float32)
+    for start in range(0, n_partials, BLOCK_SIZE):
+        idx = start + tl.arange(0, BLOCK_SIZE)
+        overall_max = tl.maximum(overall_max, tl.max(tl.load(partial_max_ptr + idx, mask=idx < n_partials,
+                                                             other=0.0), 0))
+    inv_max = tl.where(overall_max > 0.0, 1.0 / overall_max, 0.0)
+    total = tl.full([], 0.0, tl.float32)
+    nan_count = tl.full([], 0, tl.int64)
+    inf_count = tl.full([], 0, tl.int64)
+    for start in range(0, n_partials, BLOCK_SIZE):
+        idx = start + tl.arange(0, BLOCK_SIZE)
+        mask = idx < n_partials
+        part_max = tl.load(partial_max_ptr + idx, mask=mask, other=0.0)
+        part_sum = tl.load(partial_sum_ptr + idx, mask=mask, other=0.0)
+        total += tl.sum(part_sum * _pow(part_max * inv_max, norm_type, NORM_KIND), 0)
+        nan_count += tl.sum(tl.load(nan_count_ptr + idx, mask=mask, other=0).to(tl.int64), 0)
+        inf_count += tl.sum(tl.load(inf_count_ptr + idx, mask=mask, other=0).to(tl.int64), 0)
+    if NORM_KIND == 0:
+        finite_norm = overall_max
+    elif NORM_KIND == 1:
+        finite_norm = overall_max * total
+    elif NORM_KIND == 2:
+        finite_norm = overall_max * tl.sqrt(total)
+    else:
+        finite_norm = overall_max * tl.exp2(tl.log2(total) / norm_type)
+    finite_norm = tl.where(overall_max > 0.0, finite_norm, 0.0)
+    norm = tl.where(nan_count > 0, float("nan"), tl.where(inf_count > 0, float("inf"), finite_norm))
+    found_inf = tl.where(nan_count + inf_count > 0, 1.0, 0.0)
+    coef = 1.0
+    if CLIP:
+        coef = tl.where(found_inf == 0.0, tl.minimum(max_norm / (norm + 1e-6), 1.0), 1.0)
+    tl.store(result_ptr, norm)
+    tl.store(result_ptr + 1, coef)
+    tl.store(result_ptr + 2, found_inf)
+    tl.store(result_ptr + 3, finite_norm)
+    tl.store(counts_ptr, nan_count)
+    tl.store(counts_ptr + 1, inf_count)
+
+
+@triton.jit
+def grad_scale_kernel(
+    data_ptrs_ptr, numels_ptr, block_starts_ptr, first_tensor_ptr,  # the dtype group's table, as above
+    coef_ptr,  # fp32 scalar on the device: the clip coefficient
+    total_blocks, blocks_per_program,
+    DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """g *= coef over every tensor of the table; no memory traffic at all when coef is exactly 1."""
+    coef = tl.load(coef_ptr)
+    if coef != 1.0:
+        pid = tl.program_id(0)
+        block = pid * blocks_per_program
+        block_end = tl.minimum(block + blocks_per_program, total_blocks)
+        t = tl.load(first_tensor_ptr + pid)
+        next_start = tl.load(block_starts_ptr + t + 1)
+        while block < block_end:
+            while block >= next_start:
+                t += 1
+                next_start = tl.load(block_starts_ptr + t + 1)
+            data = tl.load(data_ptrs_ptr + t).to(tl.pointer_type(DTYPE))
+            offsets = (block - tl.load(block_starts_ptr + t)).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+            mask = offsets < tl.load(numels_ptr + t)
+            g = tl.load(data + offsets, mask=mask).to(tl.float32)
+            tl.store(data + offsets, (g * coef).to(DTYPE), mask=mask)
+            block += 1
+
+
+class TensorTable(NamedTuple):
+    """One dtype group's device-side table (views into one int64 tensor) and its grid."""
+    data_ptrs: torch.Tensor
+    numels: torch.Tensor
+    block_starts: torch.Tensor
+    first_tensor: torch.Tensor
+    total_blocks: int
+    blocks_per_program: int
+    n_programs: int
+    dtype: torch.dtype
+    keep_alive: tuple  # the host buffer of a non-blocking upload stays referenced with the table
+
+
+def programs_for(total_blocks: int, n_sms: int) -> tuple[int, int]:
+    """(programs, blocks per program): about 4 programs per SM, each a contiguous run of blocks."""
+    n_programs = max(1, min(total_blocks, 4 * n_sms))
+    per_program = triton.cdiv(total_blocks, n_programs)
+    return triton.cdiv(total_blocks, per_program), per_program
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter on CPU tensors
+
+
+def build_table(tensors, device) -> TensorTable:
+    """Describe non-empty, contiguous tensors of one dtype on one device; uploads without a host sync."""
+    numels = np.array([t.numel() for t in tensors], dtype=np.int64)
+    blocks = (numels + BLOCK_SIZE - 1) // BLOCK_SIZE
+    block_starts = np.concatenate([[0], np.cumsum(blocks)])
+    total_blocks = int(block_starts[-1])
+    n_programs, per_program = programs_for(total_blocks, _multiprocessor_count(device))
+    first_tensor = np.searchsorted(block_starts, np.arange(n_programs) * per_program, side="right") - 1
+    host = np.concatenate([[t.data_ptr() for t in tensors], numels, block_starts, first_tensor]).astype(np.int64)
+    host = torch.from_numpy(host)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    table = host.to(device, non_blocking=True)
+    n = len(tensors)
+    return TensorTable(table[:n], table[n:2 * n], table[2 * n:3 * n + 1], table[3 * n + 1:], total_blocks,
+                       per_program, n_programs, tensors[0].dtype, (host,))
+
+
+def grad_norm(tables, max_norm, norm_type, kind, clip):
+    """(result fp32[4]: norm, coef, found_inf, finite norm; counts int64[2]: NaN, Inf) over all tables."""
+    device = tables[0].data_ptrs.device
+    n_partials = sum(table.n_programs for table in tables)
+    partials = torch.empty(2, n_partials, dtype=torch.float32, device=device)
+    counts = torch.empty(2, n_partials, dtype=torch.int32, device=device)
+    offset = 0
+    for table in tables:
+        span = slice(offset, offset + table.n_programs)
+        grad_norm_partials_kernel[(table.n_programs,)](
+            table.data_ptrs, table.numels, table.block_starts, table.first_tensor,
+            partials[0, span], partials[1, span], counts[0, span], counts[1, span],
+            table.total_blocks, table.blocks_per_program, norm_type,
+            DTYPE=TORCH_TO_TRITON[table.dtype], NORM_KIND=kind, BLOCK_SIZE=BLOCK_SIZE,
+            num_warps=warps_for_block(BLOCK_SIZE))
+        offset += table.n_programs
+    result = torch.empty(4, dtype=torch.float32, device=device)
+    nonfinite = torch.empty(2, dtype=torch.int64, device=device)
+    finalize_block = min(1024, max(16, triton.next_power_of_2(n_partials)))
+    grad_norm_finalize_kernel[(1,)](
+        partials[0], partials[1], counts[0], counts[1], result, nonfinite,
+        n_partials, 0.0 if max_norm is None else max_norm, norm_type,
+        NORM_KIND=kind, CLIP=max_norm is not None, BLOCK_SIZE=finalize_block, num_warps=4)
+    return result, nonfinite
+
+
+def scale_(tables, coef):
+    """Multiply every tensor of the tables by the device scalar coef; free when coef is 1."""
+    for table in tables:
+        grad_scale_kernel[(table.n_programs,)](
+            table.data_ptrs, table.numels, table.block_starts, table.first_tensor, coef,
+            table.total_blocks, table.blocks_per_program,
+            DTYPE=TORCH_TO_TRITON[table.dtype], BLOCK_SIZE=BLOCK_SIZE, num_warps=warps_for_block(BLOCK_SIZE))

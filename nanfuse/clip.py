@@ -1,0 +1,212 @@
+"""Gradient-norm clip with NaN/Inf check, with no device-to-host sync.
+
+clip_grad_norm_ is a drop-in for torch.nn.utils.clip_grad_norm_; grad_norm_check reports without
+changing anything. On CUDA (and through the interpreter) per device: one read of all gradients for
+norm and flag (one launch per dtype, whatever the number of tensors), a one-program finalize, and
+only when clipping is needed one more read and write: G bytes moved when the norm is under the
+limit, 3G when it is over. Norm, coefficient and flag stay on the device.
+"""
+
+import collections
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from . import _backend
+from .fallback import grad_norm as torch_path
+
+
+class GradNormReport(NamedTuple):
+    """What one norm-and-check pass found; every field is a 0-dim tensor on the gradients' device."""
+    total_norm: torch.Tensor  # fp32: the norm of all gradients; NaN if any is NaN, else Inf if any is Inf
+    clip_coef: torch.Tensor  # fp32: the factor the gradients were (or would be) scaled by; 1 if non-finite
+    found_inf: torch.Tensor  # fp32: exactly 1.0 if any gradient value is NaN or Inf, else 0.0
+    nonfinite_count: torch.Tensor  # int64: how many gradient values are NaN or Inf
+
+
+def _norm_kind(norm_type):
+    norm_type = float(norm_type)
+    if norm_type == math.inf:
+        return norm_type, 0
+    if not (norm_type > 0 and math.isfinite(norm_type)):
+        raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type}")
+    return norm_type, {1.0: 1, 2.0: 2}.get(norm_type, 3)
+
+
+def _as_list(tensors):
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
+def _gradients(parameters, grads_of_parameters_only):
+    """Gradients to check: p.grad of parameters (None skipped); other tensors are taken as gradients."""
+    grads = []
+    for i, p in enumerate(_as_list(parameters)):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameters[{i}] must be a tensor, got {type(p).__name__}")
+        g = p.grad if (grads_of_parameters_only or p.requires_grad) else p
+        if g is None:
+            continue
+        if g.is_sparse or g.layout != torch.strided:
+            raise ValueError(f"parameters[{i}] has a sparse gradient ({g.layout}); nanfuse's clip needs dense ones")
+        if not g.is_floating_point():
+            raise TypeError(f"parameters[{i}] has a gradient of dtype {g.dtype}; it must be floating point")
+        grads.append(g)
+    return grads
+
+
+def _reduce_spec(grad, process_group):
+    """(local tensor, process groups its norm must be reduced over) for a plain or DTensor gradient."""
+    try:
+        from torch.distributed.tensor import DTensor, Partial, Shard
+    except ImportError:  # a torch built without distributed
+        return grad, (() if process_group is None else (process_group,))
+    if isinstance(grad, DTensor):
+        groups = []
+        for dim, placement in enumerate(grad.placements):
+            if isinstance(placement, Partial):
+                raise ValueError("a gradient DTensor with a Partial placement has no local norm; redistribute it first")
+            if isinstance(placement, Shard):
+                groups.append(grad.device_mesh.get_group(dim))
+        return grad.to_local(), tuple(groups)
+    return grad, (() if process_group is None else (process_group,))
+
+
+def _device_norm(grads, max_norm, norm_type, kind):
+    """(result fp32[4], counts int64[2]) for gradients on one device, and how to scale them."""
+    if any(g.dtype == torch.float64 for g in grads) or not _backend.uses_triton(grads[0]):
+        return torch_path.grad_norm(grads, max_norm, norm_type), lambda coef: torch_path.scale_(grads, coef)
+    from .kernels import grad_norm as kernels
+
+    dense = [g for g in grads if g.numel() and g.is_contiguous()]
+    strided = [g for g in grads if g.numel() and not g.is_contiguous()]
+    tables = _tables(dense + [g.contiguous() for g in strided], grads[0].device)
+    if not tables:
+        return torch_path.finish(torch.zeros((), device=grads[0].device),
+                                 torch.zeros(2, dtype=torch.int64, device=grads[0].device), max_norm), lambda c: None
+    dense_tables = tables if not strided else _tables(dense, grads[0].device)
+
+    def scale_(coef):
+        kernels.scale_(dense_tables, coef)
+        if strided:
+            torch._foreach_mul_(strided, coef)
+
+    return kernels.grad_norm(tables, max_norm, norm_type, kind, max_norm is not None), scale_
+
+
+_TABLES = collections.OrderedDict()
+_TABLES_KEPT = 16
+
+
+def _tables(grads, device):
+    """Device-side pointer tables per dtype, cached while the same gradient tensors come back."""
+    key = (device, tuple((g.data_ptr(), g.numel(), g.dtype) for g in grads))
+    if key in _TABLES:
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
+    from .kernels import grad_norm as kernels
+
+    by_dtype = collections.defaultdict(list)
+    for g in grads:
+        by_dtype[g.dtype].append(g)
+    tables = [kernels.build_table(group, device) for group in by_dtype.values()]
+    _TABLES[key] = tables
+    if len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return tables
+
+
+def _combine(parts, norm_type):
+    """Norm of finite values and counts over several (finite norm, counts) parts, on the first one's device."""
+    device = parts[0][0].device
+    norms = torch.stack([norm.to(device, non_blocking=True) for norm, _ in parts])
+    counts = torch.stack([c.to(device, non_blocking=True) for _, c in parts]).sum(0)
+    return torch_path._scaled_norm(norms, norm_type), counts
+
+
+def _all_reduce(finite_norm, counts, norm_type, groups):
+    """Reduce a local norm and counts over process groups: MAX of the norm, then SUM of scaled p-th powers."""
+    top = finite_norm.clone()
+    for group in groups:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    if norm_type == math.inf:
+        packed = counts.to(torch.float64)
+    else:
+        ratio = torch.where(top > 0, finite_norm / torch.where(top > 0, top, 1.0), 0.0)
+        packed = torch.cat([(ratio.double() ** norm_type).reshape(1), counts.double()])
+    for group in groups:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    if norm_type == math.inf:
+        return top, packed.to(torch.int64)
+    return (top * packed[0] ** (1.0 / norm_type)).to(torch.float32), packed[1:].to(torch.int64)
+
+
+def _norm_check_scale(grads, max_norm, norm_type, process_group):
+    """GradNormReport over all gradients, and a function that scales them all by a device coefficient."""
+    norm_type, kind = _norm_kind(norm_type)
+    if max_norm is not None:
+        max_norm = float(max_norm)
+        if not max_norm >= 0:
+            raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+    if not grads:
+        zero = torch.zeros(())
+        return GradNormReport(zero, torch.ones(()), zero, torch.zeros((), dtype=torch.int64)), lambda coef: None
+    # group by (reduction groups, device): each group's local result, reduced where sharded
+    buckets = collections.defaultdict(list)
+    for g in grads:
+        local, groups = _reduce_spec(g, process_group)
+        buckets[(groups, local.device)].append(local)
+    parts, scalers = [], []
+    for (groups, device), local_grads in buckets.items():
+        (result, counts), scale_ = _device_norm(local_grads, max_norm, norm_type, kind)
+        scalers.append((device, scale_))
+        parts.append((result[3], counts, groups, result))
+    if len(parts) == 1 and not parts[0][2]:  # one device, nothing sharded: the finalize said it all
+        result, counts = parts[0][3], parts[0][1]
+    else:
+        reduced = [(_all_reduce(n, c, norm_type, g) if g else (n, c)) for n, c, g, _ in parts]
+        result, counts = torch_path.finish(*_combine(reduced, norm_type), max_norm)
+    report = GradNormReport(result[0], result[1], result[2], counts.sum())
+
+    def scale_all(coef):
+        for device, scale_ in scalers:
+            scale_(coef.to(device, non_blocking=True))
+
+    return report, scale_all
+
+
+def grad_norm_check(parameters_or_tensors, max_norm=None, norm_type=2.0, *, process_group=None):
+    """Norm, clip coefficient, found-inf flag and non-finite count of the gradients; changes nothing.
+
+    Takes parameters (their .grad is checked; None skipped) or gradient tensors themselves. All results
+    are device tensors (no host sync). Cost: one read of the gradients.
+    """
+    report, _ = _norm_check_scale(_gradients(parameters_or_tensors, False), max_norm, norm_type, process_group)
+    return report
+
+
+def clip_and_check_(parameters, max_norm, norm_type=2.0, *, process_group=None):
+    """clip_grad_norm_ that returns the whole GradNormReport. Cost: G bytes moved, 3G when clipping."""
+    report, scale_all = _norm_check_scale(_gradients(parameters, True), max_norm, norm_type, process_group)
+    if max_norm is not None:
+        scale_all(report.clip_coef)
+    return report
+
+
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *,
+                    process_group=None):
+    """Drop-in for torch.nn.utils.clip_grad_norm_: scales gradients so their global norm is <= max_norm.
+
+    Returns the total norm (0-dim fp32 on the gradients' device) without a host sync. Differences from
+    PyTorch: the norm is fp32 for any gradient dtype; finite gradients of any size give a finite norm;
+    if the norm is NaN/Inf the gradients are left exactly as they were (not multiplied by NaN).
+    error_if_nonfinite=True reads the flag (one host sync) and raises. `foreach` is accepted and ignored.
+    `process_group` reduces the norm over ranks that each hold a shard of plain-tensor gradients
+    (DTensor gradients are reduced over their mesh without it). Cost: G bytes moved, 3G when clipping.
+    """
+    report = clip_and_check_(parameters, max_norm, norm_type, process_group=process_group)
+    if error_if_nonfinite and bool(report.found_inf):  # opt-in: one host sync
+        raise RuntimeError(f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
+                           "non-finite, so it cannot be clipped. Gradients were left unchanged.")
+    return report.total_norm
