@@ -79,20 +79,23 @@ def _device_norm(grads, max_norm, norm_type, kind):
         return torch_path.grad_norm(grads, max_norm, norm_type), lambda coef: torch_path.scale_(grads, coef)
     from .kernels import grad_norm as kernels
 
+    device = grads[0].device
     dense = [g for g in grads if g.numel() and g.is_contiguous()]
     strided = [g for g in grads if g.numel() and not g.is_contiguous()]
-    tables = _tables(dense + [g.contiguous() for g in strided], grads[0].device)
+    copies = [g.contiguous() for g in strided]  # the table holds raw pointers: keep these alive until launched
+    tables = _tables(dense + copies, device)
     if not tables:
-        return torch_path.finish(torch.zeros((), device=grads[0].device),
-                                 torch.zeros(2, dtype=torch.int64, device=grads[0].device), max_norm), lambda c: None
-    dense_tables = tables if not strided else _tables(dense, grads[0].device)
+        zeros = torch.zeros(2, dtype=torch.int64, device=device)
+        return torch_path.finish(torch.zeros((), device=device), zeros, max_norm), lambda coef: None
+    result = kernels.grad_norm(tables, max_norm, norm_type, kind, max_norm is not None)
+    dense_tables = _tables(dense, device) if strided else tables
 
     def scale_(coef):
         kernels.scale_(dense_tables, coef)
         if strided:
             torch._foreach_mul_(strided, coef)
 
-    return kernels.grad_norm(tables, max_norm, norm_type, kind, max_norm is not None), scale_
+    return result, scale_
 
 
 _TABLES = collections.OrderedDict()

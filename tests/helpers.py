@@ -22,5 +22,5 @@ def assert_close(actual, expected, dtype=None, what="value"):
     expected = expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     nan_mismatch = actual.isnan() != expected.isnan()
-    assert not nan_mismatch.any(), f"{what}: NaN at different places, first at {nan_mismatch.nonzero()[0].tolist()}"
+    assert not nan_mismatch.any(), f"{what}: NaN at different places, first at {nan_mismatch.nonzero()[:1].tolist()}"
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")

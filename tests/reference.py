@@ -50,3 +50,9 @@ def softmax_ref(x, dim=-1, log=False):
     lse = torch.logsumexp(x, dim=dim, keepdim=True)
     shift = torch.where(lse == float("-inf"), 0.0, lse)
     return x - shift if log else torch.exp(x - shift)
+
+
+def grad_norm_ref(grads, norm_type=2.0):
+    """The p-norm of all gradient values together, in float64 (NaN if any is NaN, else Inf if any is Inf)."""
+    values = torch.cat([g.detach().double().flatten().cpu() for g in grads]) if grads else torch.zeros(0).double()
+    return torch.linalg.vector_norm(values, norm_type)

@@ -1,0 +1,183 @@
+"""nanfuse.clip_grad_norm_ / grad_norm_check against the float64 oracle, on the run's backend."""
+
+import math
+import os
+
+import pytest
+import torch
+from helpers import assert_close
+from reference import grad_norm_ref
+
+import nanfuse
+from nanfuse import clip
+
+NORM_TYPES = [1.0, 2.0, 3.5, math.inf]
+INTERPRETED = os.environ.get("NANFUSE_BACKEND") == "interpret"
+
+
+def make_params(device, sizes=(1, 7, 4096, 4097, 0, 30_000, 513), dtypes=(torch.float32, torch.bfloat16, torch.float16),
+                scale=1.0):
+    """Parameters of mixed sizes and dtypes with fresh random gradients; one has no gradient."""
+    params = []
+    for i, n in enumerate(sizes):
+        p = torch.nn.Parameter(torch.randn(n, device=device).to(dtypes[i % len(dtypes)]))
+        p.grad = (torch.randn(n, device=device) * scale).to(p.dtype)
+        params.append(p)
+    params.append(torch.nn.Parameter(torch.randn(3, device=device)))  # grad None: skipped
+    return params
+
+
+def grads_of(params):
+    return [p.grad for p in params if p.grad is not None]
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("max_norm", [1.0, 1e6], ids=["clipping", "not-clipping"])
+def test_norm_and_clip_match_reference(norm_type, max_norm, device):
+    params = make_params(device)
+    before = [g.clone() for g in grads_of(params)]
+    ref = grad_norm_ref(before, norm_type)
+    total = nanfuse.clip_grad_norm_(params, max_norm, norm_type)
+    assert total.dtype == torch.float32 and total.dim() == 0 and total.device.type == device
+    assert_close(total, ref, torch.float32, "norm")
+    coef = min(max_norm / (ref.item() + 1e-6), 1.0)
+    for old, new in zip(before, grads_of(params)):
+        if coef == 1.0:
+            assert torch.equal(old, new)  # no clipping needed: not touched at all
+        else:
+            assert_close(new, old.double() * coef, new.dtype, "clipped grad")
+
+
+def test_report_fields(device):
+    params = make_params(device)
+    report = nanfuse.grad_norm_check(params, max_norm=2.0)
+    ref = grad_norm_ref(grads_of(params))
+    assert_close(report.total_norm, ref, torch.float32)
+    assert_close(report.clip_coef, torch.tensor(2.0 / (ref.item() + 1e-6), dtype=torch.float64), torch.float32)
+    assert report.found_inf.dtype == torch.float32 and report.found_inf.item() == 0.0
+    assert report.nonfinite_count.dtype == torch.int64 and report.nonfinite_count.item() == 0
+    tensors = [g.clone() for g in grads_of(params)]  # plain tensors are taken as the gradients themselves
+    assert torch.equal(nanfuse.grad_norm_check(tensors, 2.0).total_norm, report.total_norm)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_non_finite_values_are_reported_and_nothing_is_scaled(bad, norm_type, device):
+    params = make_params(device)
+    params[3].grad[100] = bad
+    params[5].grad[-1] = bad
+    before = [g.clone() for g in grads_of(params)]
+    report = nanfuse.clip_and_check_(params, 0.5, norm_type)
+    assert report.found_inf.item() == 1.0 and report.nonfinite_count.item() == 2
+    assert report.clip_coef.item() == 1.0
+    assert report.total_norm.isnan() if math.isnan(bad) else report.total_norm.item() == math.inf
+    for old, new in zip(before, grads_of(params)):  # left exactly as they were, NaN included
+        assert torch.equal(old.nan_to_num(), new.nan_to_num()) and torch.equal(old.isnan(), new.isnan())
+
+
+def test_huge_finite_gradients_give_a_finite_norm(device):
+    # PyTorch #193006: 1e20-sized fp32 entries overflow a plain fp32 sum of squares to Inf
+    params = make_params(device, sizes=(5000, 3), dtypes=(torch.float32,), scale=1e20)
+    for norm_type in [2.0, 3.5]:
+        ref = grad_norm_ref(grads_of(params), norm_type)
+        report = nanfuse.grad_norm_check(params, 1.0, norm_type)
+        assert report.found_inf.item() == 0.0
+        assert_close(report.total_norm, ref, torch.float32, f"norm p={norm_type}")
+    total = nanfuse.clip_grad_norm_(params, 1.0)
+    assert torch.isfinite(total)
+    assert_close(grad_norm_ref(grads_of(params)), torch.tensor(1.0, dtype=torch.float64), torch.float32)
+
+
+def test_bf16_gradients_get_an_fp32_norm(device):
+    params = make_params(device, sizes=(10_000,), dtypes=(torch.bfloat16,))
+    total = nanfuse.clip_grad_norm_(params, 1e9)
+    assert total.dtype == torch.float32
+    assert_close(total, grad_norm_ref(grads_of(params)), torch.float32)
+
+
+def test_matches_torch_clip_grad_norm_on_finite_gradients(device):
+    sizes = (1, 7, 4096, 30_000)  # no empty tensor: PyTorch's own inf-norm fails on one
+    ours, theirs = make_params(device, sizes, (torch.float32,)), make_params(device, sizes, (torch.float32,))
+    for a, b in zip(ours, theirs):
+        b.grad = None if a.grad is None else a.grad.clone()
+    for norm_type in [2.0, math.inf]:
+        n_ours = nanfuse.clip_grad_norm_(ours, 0.5, norm_type)
+        n_theirs = torch.nn.utils.clip_grad_norm_(theirs, 0.5, norm_type)
+        assert_close(n_ours, n_theirs.double())
+        for a, b in zip(grads_of(ours), grads_of(theirs)):
+            assert_close(a, b.double())
+
+
+def test_empty_inputs(device):
+    assert nanfuse.clip_grad_norm_([], 1.0).item() == 0.0
+    p = torch.nn.Parameter(torch.zeros(0, device=device))
+    p.grad = torch.zeros(0, device=device)
+    report = nanfuse.grad_norm_check([p, torch.nn.Parameter(torch.ones(2, device=device))], 1.0)
+    assert report.total_norm.item() == 0.0 and report.found_inf.item() == 0.0
+    assert nanfuse.clip_grad_norm_(torch.nn.Parameter(torch.ones(1, device=device)), 1.0).item() == 0.0
+
+
+def test_reproducible_bit_for_bit(device):
+    params = make_params(device, sizes=(70_000, 123, 50_000))
+    norms = [nanfuse.grad_norm_check(params, 1.0).total_norm for _ in range(3)]
+    assert all(torch.equal(norms[0], n) for n in norms[1:])
+
+
+def test_bad_arguments():
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4).to_sparse()
+    with pytest.raises(ValueError, match="parameters\\[0\\].*sparse"):
+        nanfuse.clip_grad_norm_([p], 1.0)
+    q = torch.nn.Parameter(torch.randn(4))
+    q.grad = torch.randn(4)
+    with pytest.raises(ValueError, match="norm_type"):
+        nanfuse.clip_grad_norm_([q], 1.0, norm_type=-1)
+    with pytest.raises(ValueError, match="max_norm"):
+        nanfuse.clip_grad_norm_([q], float("nan"))
+    q.grad[0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        nanfuse.clip_grad_norm_([q], 1.0, error_if_nonfinite=True)
+
+
+def test_non_contiguous_gradients(device):
+    p = torch.nn.Parameter(torch.randn(64, 48, device=device))
+    p.grad = torch.randn(48, 64, device=device).t()
+    before = p.grad.clone()
+    total = nanfuse.clip_grad_norm_([p], 1.0)
+    assert_close(total, grad_norm_ref([before]), torch.float32)
+    assert_close(p.grad, before.double() / (grad_norm_ref([before]) + 1e-6), torch.float32)
+
+
+@pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(), reason="counts Triton launches")
+def test_launches_do_not_grow_with_the_number_of_tensors(monkeypatch, device):
+    from nanfuse.kernels import grad_norm as kernels
+
+    launches = []
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.kernel)
+            return self.kernel[grid]
+
+    for name in ["grad_norm_partials_kernel", "grad_norm_finalize_kernel", "grad_scale_kernel"]:
+        monkeypatch.setattr(kernels, name, Counting(getattr(kernels, name)))
+    for n_tensors in [3, 300]:
+        launches.clear()
+        params = make_params(device, sizes=[17] * n_tensors)
+        nanfuse.clip_grad_norm_(params, 1e-3)
+        assert len(launches) == 3 + 1 + 3  # a norm and a scale launch per dtype, one finalize
+    assert len(clip._TABLES) <= clip._TABLES_KEPT
+
+
+def test_pointer_tables_are_cached(device):
+    if not nanfuse._backend.uses_triton(torch.ones(1, device=device)):
+        pytest.skip("pointer tables belong to the Triton path")
+    params = make_params(device)
+    nanfuse.grad_norm_check(params)
+    key_count = len(clip._TABLES)
+    tables = list(clip._TABLES.values())[-1]
+    nanfuse.grad_norm_check(params)
+    assert len(clip._TABLES) == key_count and list(clip._TABLES.values())[-1] is tables
