@@ -14,6 +14,11 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+try:
+    from torch.distributed.tensor import DTensor, Partial, Shard
+except ImportError:  # a torch built without distributed
+    DTensor = Partial = Shard = None
+
 from . import _backend
 from .fallback import grad_norm as torch_path
 
@@ -58,11 +63,7 @@ def _gradients(parameters, grads_of_parameters_only):
 
 def _reduce_spec(grad, process_group):
     """(local tensor, process groups its norm must be reduced over) for a plain or DTensor gradient."""
-    try:
-        from torch.distributed.tensor import DTensor, Partial, Shard
-    except ImportError:  # a torch built without distributed
-        return grad, (() if process_group is None else (process_group,))
-    if isinstance(grad, DTensor):
+    if DTensor is not None and isinstance(grad, DTensor):
         groups = []
         for dim, placement in enumerate(grad.placements):
             if isinstance(placement, Partial):

@@ -39,7 +39,7 @@ def tensor_norms(grads, norm_type):
     if not may_read_values(grads[0]):
         norms, nans, infs = _robust_norms(grads, norm_type)
         return torch.stack(norms), torch.stack(nans), torch.stack(infs)
-    norms = torch.stack(torch._foreach_norm([g.detach() for g in grads], norm_type, dtype=torch.float32))
+    norms = torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float32))
     nans = torch.zeros(len(grads), dtype=torch.int64, device=device)
     infs = torch.zeros(len(grads), dtype=torch.int64, device=device)
     suspects = (~torch.isfinite(norms)).nonzero().flatten().tolist()  # CPU, eager: reading is free
