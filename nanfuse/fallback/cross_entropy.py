@@ -1,8 +1,9 @@
 """Softmax-cross-entropy in pure PyTorch: the same math as kernels/cross_entropy.py, for CPU tensors.
 
 Rows are processed in chunks of about CHUNK_ELEMENTS logits, so every temporary is chunk-sized
-(it stays in cache) and nothing N x C is made beyond the gradient itself. Per chunk: max, exp,
-sum, then the loss terms and the gradient written straight into its buffer. Accumulation is in
+(it stays in cache) and nothing N x C is made beyond the gradient itself. Per chunk: a fused,
+max-subtracted log-softmax, then the loss terms and the gradient written straight into its buffer
+(backward of reduction='none' recomputes the chunk's log-softmax). Accumulation is in
 fp32 (fp64 for fp64 logits).
 """
 
@@ -79,30 +80,31 @@ class _RowTargets:
         return torch.where(ok, value, fill)
 
 
-def _row_loss(x, shift, log_s, rt, ce_scale, z_scale, opts):
-    """Normalised row losses of a chunk; lse - x is formed as (shift - x) + log_s, exact for large logits."""
-    ce = torch.zeros_like(shift)
+def _row_loss(logp, lse, rt, ce_scale, z_scale, opts):
+    """Normalised row losses of a chunk from its log-probabilities (lse - x_c is -logp_c)."""
+    ce = torch.zeros_like(logp[:, 0])
     if rt.dense is not None:
-        gap = (shift.unsqueeze(1) - x) + log_s.unsqueeze(1)
-        ce = (rt.dense * torch.where(rt.dense != 0, gap, 0.0)).sum(1)
+        ce = (rt.dense * torch.where(rt.dense != 0, -logp, 0.0)).sum(1)
     if rt.target_coef is not None:
-        x_y = x.gather(1, rt.y).squeeze(1)
-        ce = ce + torch.where(rt.target_coef != 0, rt.target_coef * ((shift - x_y) + log_s), 0.0)
-    lse = shift + log_s
+        logp_y = logp.gather(1, rt.y).squeeze(1)
+        ce = ce + torch.where(rt.target_coef != 0, -rt.target_coef * logp_y, 0.0)
     loss = torch.where(ce_scale != 0, ce_scale * ce, 0.0)
-    loss = loss + torch.where(z_scale != 0, z_scale * opts.z_loss * lse * lse, 0.0)
+    if opts.z_loss:
+        loss = loss + torch.where(z_scale != 0, z_scale * opts.z_loss * lse * lse, 0.0)
     return rt.finish(loss)
 
 
-def _write_grad(out, e, p_scale, x, lse, rt, ce_scale, z_scale, opts):
-    """out = dloss/dlogits for the chunk, given e = p / p_scale (rows), in the accumulation dtype."""
-    p_coef = (ce_scale * rt.mass + 2.0 * z_scale * opts.z_loss * lse) * p_scale * opts.logit_scale
-    g = torch.mul(e, p_coef.unsqueeze(1), out=out if out.dtype == e.dtype else e)
+def _write_grad(out, p, x, lse, rt, ce_scale, z_scale, opts):
+    """out = dloss/dlogits for the chunk from its probabilities p (overwritten), in the accumulation dtype."""
+    p_coef = ce_scale * rt.mass
+    if opts.z_loss:
+        p_coef = p_coef + 2.0 * z_scale * opts.z_loss * lse
+    g = torch.mul(p, (p_coef * opts.logit_scale).reshape(-1, 1), out=out if out.dtype == p.dtype else p)
     if rt.dense is not None:
         g.sub_((ce_scale.unsqueeze(-1) if ce_scale.dim() else ce_scale) * opts.logit_scale * rt.dense)
     if rt.target_coef is not None:
         # the target's p - 1, formed in the accumulation dtype before the one store
-        g.scatter_add_(1, rt.y, -(ce_scale * rt.target_coef * opts.logit_scale).expand(len(lse)).unsqueeze(1))
+        g.scatter_add_(1, rt.y, -(ce_scale * rt.target_coef * opts.logit_scale).expand(len(p)).unsqueeze(1))
     if opts.softcap is not None:
         g.mul_(torch.where(x == float("-inf"), 0.0, 1.0 - (x / opts.softcap) ** 2))
     if g is not out:
@@ -110,46 +112,50 @@ def _write_grad(out, e, p_scale, x, lse, rt, ce_scale, z_scale, opts):
     rt.finish_rows_(out)
 
 
-def _row_stats(x):
-    """Row shift (the max, or 0 for an all -inf row), exp(x - shift) and its row sum, for a chunk."""
-    m = x.amax(1, keepdim=True)
-    shift = torch.where(m == float("-inf"), 0.0, m)
-    e = torch.sub(x, shift).exp_()
-    return shift.squeeze(1), e, e.sum(1)
+def _log_probs(chunk, opts, acc):
+    """(transformed logits or None when they are the input as is, log-softmax in the accumulation dtype).
+
+    torch.log_softmax subtracts the row max and forms x - max - log(sum exp), exact for large logits.
+    """
+    if opts.logit_scale == 1.0 and opts.softcap is None:
+        return None, torch.log_softmax(chunk, 1, dtype=acc)
+    x = _transformed(chunk, opts, acc)
+    return x, torch.log_softmax(x, 1)
 
 
 def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
-    """Row losses (normalised for the reduction) and row statistics (shift, sum-exp, A) for backward;
-    fills `grad` if given. One read of the logits and, with `grad`, one write, chunk by chunk.
+    """Row losses (normalised for the reduction) and row statistics (lse, A) for backward; fills `grad`
+    if given. One read of the logits and, with `grad`, one write, chunk by chunk.
     """
     n_rows, n_classes = logits.shape
     acc = _acc_dtype(logits)
     scalars = scalars.to(acc)
     ce_scale, z_scale = scalars[0], scalars[1]
     loss = torch.empty(n_rows, dtype=acc, device=logits.device)
-    stats = torch.empty(3, n_rows, dtype=acc, device=logits.device)
+    stats = torch.zeros(2, n_rows, dtype=acc, device=logits.device)  # lse (only with z_loss), A
     for rows in _row_chunks(n_rows, n_classes):
-        x = _transformed(logits[rows], opts, acc)
+        x, logp = _log_probs(logits[rows], opts, acc)
         rt = _RowTargets(target[rows], weight, scalars, opts, n_classes, acc)
-        shift, e, s = _row_stats(x)
-        log_s = s.log()
-        loss[rows] = _row_loss(x, shift, log_s, rt, ce_scale, z_scale, opts)
-        stats[0, rows], stats[1, rows], stats[2, rows] = shift, s, rt.mass
+        lse = None
+        if opts.z_loss:
+            lse = torch.logsumexp(logits[rows].to(acc) if x is None else x, 1)
+            stats[0, rows] = lse
+        loss[rows] = _row_loss(logp, lse, rt, ce_scale, z_scale, opts)
+        stats[1, rows] = rt.mass
         if grad is not None:
-            _write_grad(grad[rows], e, 1.0 / s, x, shift + log_s, rt, ce_scale, z_scale, opts)
+            _write_grad(grad[rows], logp.exp_(), x, lse, rt, ce_scale, z_scale, opts)
     return loss, stats
 
 
 def cross_entropy_backward(logits, target, weight, scalars, opts, stats, grad_output, grad):
-    """Gradient of reduction='none' into `grad`, from the saved row statistics."""
+    """Gradient of reduction='none' into `grad`, recomputing each chunk's probabilities."""
     n_rows, n_classes = logits.shape
     acc = _acc_dtype(logits)
     scalars = scalars.to(acc)
     for rows in _row_chunks(n_rows, n_classes):
-        x = _transformed(logits[rows], opts, acc)
-        shift, log_s, mass = stats[0, rows], stats[1, rows].log(), stats[2, rows]
-        rt = _RowTargets(target[rows], weight, scalars, opts, n_classes, acc, mass=mass)
+        x, logp = _log_probs(logits[rows], opts, acc)
+        rt = _RowTargets(target[rows], weight, scalars, opts, n_classes, acc, mass=stats[1, rows])
         upstream = grad_output[rows].to(acc)
-        e = torch.sub(x, shift.unsqueeze(1)).sub_(log_s.unsqueeze(1)).exp_()
-        _write_grad(grad[rows], e, 1.0, x, shift + log_s, rt, scalars[0] * upstream, scalars[1] * upstream, opts)
+        _write_grad(grad[rows], logp.exp_(), x, stats[0, rows], rt, scalars[0] * upstream, scalars[1] * upstream,
+                    opts)
     return grad

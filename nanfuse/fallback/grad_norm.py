@@ -21,15 +21,18 @@ def _scaled_norm(values, norm_type):
     return torch.where(top > 0, top * torch.linalg.vector_norm(values / safe, norm_type), 0.0)
 
 
-def _robust_norms(grads, norm_type):
-    """Per tensor: norm of its finite values (fp32), NaN count, Inf count."""
+def _robust_norms(grads, norm_type, may_branch):
+    """Per tensor: norm of its finite values (fp32, scaled so it cannot overflow), NaN count, Inf count."""
     norms, nans, infs = [], [], []
     for g in grads:
-        magnitude = g.detach().abs().to(torch.float32)
-        finite = torch.isfinite(magnitude)
-        nans.append(torch.isnan(magnitude).sum())
-        infs.append(finite.numel() - finite.sum() - nans[-1])
-        norms.append(_scaled_norm(torch.where(finite, magnitude, 0.0).flatten(), norm_type))
+        g = g.detach()
+        nans.append(torch.isnan(g).sum())
+        infs.append(torch.isinf(g).sum())
+        finite = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).flatten()
+        norm = torch.linalg.vector_norm(finite, norm_type, dtype=torch.float32) if may_branch else None
+        if norm is None or not torch.isfinite(norm):  # finite values whose p-th powers overflowed
+            norm = _scaled_norm(finite.abs().to(torch.float32), norm_type)
+        norms.append(norm)
     return norms, nans, infs
 
 
@@ -37,14 +40,14 @@ def tensor_norms(grads, norm_type):
     """(finite norms (T,) fp32, NaN counts (T,), Inf counts (T,)) of gradients on one device."""
     device = grads[0].device
     if not may_read_values(grads[0]):
-        norms, nans, infs = _robust_norms(grads, norm_type)
+        norms, nans, infs = _robust_norms(grads, norm_type, may_branch=False)
         return torch.stack(norms), torch.stack(nans), torch.stack(infs)
     norms = torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float32))
     nans = torch.zeros(len(grads), dtype=torch.int64, device=device)
     infs = torch.zeros(len(grads), dtype=torch.int64, device=device)
     suspects = (~torch.isfinite(norms)).nonzero().flatten().tolist()  # CPU, eager: reading is free
     if suspects:  # a NaN/Inf, or finite values whose p-th powers overflowed: look again, scaled
-        again = _robust_norms([grads[i] for i in suspects], norm_type)
+        again = _robust_norms([grads[i] for i in suspects], norm_type, may_branch=True)
         for slot, (norm, nan, inf) in zip(suspects, zip(*again)):
             norms[slot], nans[slot], infs[slot] = norm, nan, inf
     return norms, nans, infs

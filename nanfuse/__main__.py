@@ -1,0 +1,23 @@
+"""The `nanfuse` command: `nanfuse bench` and `nanfuse demo` (also `python -m nanfuse ...`)."""
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="nanfuse", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="benchmark every op against PyTorch eager, torch.compile and peers")
+    bench.add_argument("--quick", action="store_true", help="a reduced set: under a minute on a 2-core CPU")
+    bench.add_argument("--out", default="nanfuse-bench", help="folder for results.json, results.md and plots")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .benchmark import run
+
+        run(out_dir=args.out, quick=args.quick, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Benchmark cases and the implementations compared on each: nanfuse, PyTorch eager, torch.compile, peers."""
+
+import dataclasses
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+
+import nanfuse
+
+
+@dataclasses.dataclass
+class Case:
+    op: str  # "cross_entropy" or "clip"
+    name: str  # what the row says about the shape
+    dtype: torch.dtype
+    size: int  # the x axis of the plot: vocabulary size or parameter count
+    min_bytes: int  # the bytes the op must move at least
+    setup: object  # setup(device) -> dict of implementation name -> zero-argument callable
+    compile_ok: bool = True
+
+
+# ---------------------------------------------------------------- cross-entropy
+
+def _torch_cross_entropy(logits, target, reduction, z_loss, softcap):
+    """The same math as nanfuse.cross_entropy's options, written with PyTorch ops (eager or compiled)."""
+    x = logits.float()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    loss = F.cross_entropy(x, target, reduction=reduction)
+    if z_loss:
+        lse = torch.logsumexp(x, dim=-1)
+        z = z_loss * lse.square()
+        loss = loss + (z if reduction == "none" else z.mean())
+    return loss
+
+
+def _cross_entropy_setup(n_rows, n_classes, dtype, reduction, z_loss, softcap, compile_ok):
+    def setup(device):
+        logits = (torch.randn(n_rows, n_classes, device=device) * 2).to(dtype).requires_grad_()
+        target = torch.randint(0, n_classes, (n_rows,), device=device)
+        upstream = torch.rand(n_rows, device=device) if reduction == "none" else None
+
+        def fwd_bwd(loss_fn):
+            def run():
+                loss = loss_fn(logits, target)
+                loss.backward(upstream) if upstream is not None else loss.backward()
+                logits.grad = None
+            return run
+
+        options = dict(reduction=reduction, z_loss=z_loss, softcap=softcap)
+        impls = {
+            "nanfuse": fwd_bwd(lambda x, t: nanfuse.cross_entropy(x, t, **options)),
+            "torch eager": fwd_bwd(lambda x, t: _torch_cross_entropy(x, t, **options)),
+        }
+        if compile_ok:
+            compiled = torch.compile(_torch_cross_entropy, dynamic=False)
+            impls["torch.compile"] = fwd_bwd(lambda x, t: compiled(x, t, **options))
+        if device.type == "cuda" and not z_loss and not softcap and importlib.util.find_spec("liger_kernel"):
+            from liger_kernel.transformers.functional import liger_cross_entropy
+
+            impls["liger-kernel"] = fwd_bwd(lambda x, t: liger_cross_entropy(x, t, reduction=reduction))
+        return impls
+
+    return setup
+
+
+def cross_entropy_case(n_rows, n_classes, dtype, reduction="mean", z_loss=0.0, softcap=None, compile_ok=True):
+    itemsize = torch.finfo(dtype).bits // 8
+    # fwd+bwd at least reads the logits once and writes their gradient once: 2 * N * V * itemsize,
+    # plus the int64 targets and the fp32 per-row losses (and upstream gradient for 'none').
+    min_bytes = 2 * n_rows * n_classes * itemsize + n_rows * (8 + 4 + (4 if reduction == "none" else 0))
+    extras = "".join([f" z_loss={z_loss}" if z_loss else "", f" softcap={softcap}" if softcap else ""])
+    return Case("cross_entropy", f"{n_rows}x{n_classes} {reduction}{extras}", dtype, n_classes, min_bytes,
+                _cross_entropy_setup(n_rows, n_classes, dtype, reduction, z_loss, softcap, compile_ok),
+                compile_ok)
+
+
+# ---------------------------------------------------------------- gradient clip
+
+def gpt2_shapes(n_layer=12, d=768, vocab=50257, n_ctx=1024):
+    """Parameter shapes of GPT-2 (124M with the defaults), from its config: 148 tensors."""
+    layer = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return [(vocab, d), (n_ctx, d)] + layer * n_layer + [(d,), (d,)]
+
+
+def llama_shapes(n_layer=16, d=2048, d_ff=8192, vocab=128256, n_heads=32, n_kv_heads=8):
+    """Parameter shapes of a Llama-3.2-1B-style model (tied embeddings), from its config: 146 tensors."""
+    kv = d // n_heads * n_kv_heads
+    layer = [(d, d), (kv, d), (kv, d), (d, d), (d_ff, d), (d_ff, d), (d, d_ff), (d,), (d,)]
+    return [(vocab, d)] + layer * n_layer + [(d,)]
+
+
+def small_shapes(count=2000, numel=1024):
+    return [(numel,)] * count
+
+
+def _clip_setup(shapes, dtype, mode, compile_ok):
+    def setup(device):
+        # only .grad is read: the parameters themselves are stride-0 views of one element
+        params = [torch.nn.Parameter(torch.empty(1, device=device, dtype=dtype).expand(shape)) for shape in shapes]
+        for p, shape in zip(params, shapes):
+            p.grad = (torch.randn(shape, device=device) * 1e-3).to(dtype)
+        if mode == "nan":
+            params[len(params) // 2].grad.view(-1)[0] = float("nan")
+        norm = float(torch.linalg.vector_norm(torch.stack([g.grad.float().norm() for g in params])))
+        # clipping active: a coefficient just under 1, so repeated calls barely change the gradients
+        max_norm = norm * (1 - 1e-6) if mode == "clip" else 1e9
+
+        def torch_clip(ps):
+            return torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True)
+
+        impls = {
+            "nanfuse": lambda: nanfuse.clip_grad_norm_(params, max_norm),
+            "torch eager": lambda: torch_clip(params),
+        }
+        if compile_ok:
+            compiled = torch.compile(torch_clip, dynamic=False)
+            impls["torch.compile"] = lambda: compiled(params)
+        return impls
+
+    return setup
+
+
+def clip_case(label, shapes, dtype, mode, compile_ok=True):
+    n_params = sum(math.prod(s) for s in shapes)
+    itemsize = torch.finfo(dtype).bits // 8
+    # norm and flag read every gradient once (G); clipping adds a read and a write (2G). With a NaN
+    # the gradients must stay as they are, so G again.
+    grad_bytes = n_params * itemsize
+    min_bytes = 3 * grad_bytes if mode == "clip" else grad_bytes
+    return Case("clip", f"{label} ({len(shapes)} tensors) {mode}", dtype, n_params, min_bytes,
+                _clip_setup(shapes, dtype, mode, compile_ok), compile_ok)
+
+
+# ---------------------------------------------------------------- the suites
+
+def full_cases(device):
+    on_gpu = device.type == "cuda"
+    cases = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for n_rows, n_classes in [(4096, 32_000), (8192, 128_256), (4096, 262_144), (64, 262_144)]:
+            for reduction in ("mean", "none"):
+                cases.append(cross_entropy_case(n_rows, n_classes, dtype, reduction))
+        cases.append(cross_entropy_case(4096, 32_000, dtype, z_loss=1e-4, softcap=30.0))
+    for dtype in (torch.float32, torch.bfloat16):
+        for label, shapes in [("gpt2-124M", gpt2_shapes()), ("llama-1B", llama_shapes()),
+                              ("2000 small", small_shapes())]:
+            for mode in ("no clip", "clip", "nan"):
+                # a cold torch.compile of a 2,000-tensor clip takes minutes on CPU
+                cases.append(clip_case(label, shapes, dtype, mode, compile_ok=on_gpu or label != "2000 small"))
+    return cases
+
+
+def quick_cases(device):
+    """A reduced set that runs in under a minute on a 2-core CPU; no torch.compile (a cold one is ~20 s)."""
+    return [
+        cross_entropy_case(1024, 32_000, torch.float32, compile_ok=False),
+        cross_entropy_case(256, 32_000, torch.bfloat16, "none", compile_ok=False),
+        cross_entropy_case(16, 131_072, torch.float32, compile_ok=False),
+        cross_entropy_case(512, 32_000, torch.float32, z_loss=1e-4, softcap=30.0, compile_ok=False),
+        clip_case("gpt2-small-layers", gpt2_shapes(n_layer=2, vocab=8192), torch.float32, "no clip", False),
+        clip_case("gpt2-small-layers", gpt2_shapes(n_layer=2, vocab=8192), torch.float32, "clip", False),
+        clip_case("gpt2-small-layers", gpt2_shapes(n_layer=2, vocab=8192), torch.bfloat16, "nan", False),
+        clip_case("200 small", small_shapes(200, 1024), torch.float32, "no clip", False),
+    ]
+
+
+def tiny_cases(device):
+    """Smallest shapes, for the test of the runner itself."""
+    return [
+        cross_entropy_case(8, 300, torch.float32, compile_ok=False),
+        clip_case("tiny", [(10,), (300,)], torch.float32, "clip", False),
+    ]

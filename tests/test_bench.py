@@ -1,0 +1,36 @@
+"""The benchmark runner itself, on tiny shapes: every implementation gets a finite row; no timing is asserted."""
+
+import json
+import math
+
+import torch
+
+from nanfuse.__main__ import main
+from nanfuse.benchmark import cases, run
+
+
+def test_runner_writes_every_implementation(tmp_path):
+    results = run(out_dir=tmp_path, cases=cases.tiny_cases(torch.device("cpu")), device="cpu", progress=False,
+                  echo=lambda *a: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+    by_op = {}
+    for row in saved["rows"]:
+        assert "error" not in row, row
+        for field in ("median_ms", "gbs", "fraction_of_copy"):
+            assert math.isfinite(row[field]) and row[field] > 0, (field, row)
+        assert row["peak_extra_bytes"] is None or row["peak_extra_bytes"] >= 0
+        by_op.setdefault(row["op"], set()).add(row["implementation"])
+    assert by_op == {"cross_entropy": {"nanfuse", "torch eager"}, "clip": {"nanfuse", "torch eager"}}
+    assert (tmp_path / "results.md").read_text().count("| nanfuse |") == 2
+    assert saved["copy_gbs"] > 0 and saved["device"]
+
+
+def test_quick_set_has_no_cold_compile():
+    assert not any(case.compile_ok for case in cases.quick_cases(torch.device("cpu")))
+
+
+def test_command_line_entry(tmp_path, monkeypatch):
+    monkeypatch.setattr(cases, "quick_cases", cases.tiny_cases)
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert (tmp_path / "results.json").exists()
