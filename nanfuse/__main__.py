@@ -11,12 +11,18 @@ def main(argv=None):
     bench.add_argument("--quick", action="store_true", help="a reduced set: under a minute on a 2-core CPU")
     bench.add_argument("--out", default="nanfuse-bench", help="folder for results.json, results.md and plots")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    demo = commands.add_parser("demo", help="train a NaN-prone model three ways and show what happens")
+    from .demo import run as demo_run
+
+    demo_run.add_arguments(demo)
     args = parser.parse_args(argv)
     if args.command == "bench":
         from .benchmark import run
 
         run(out_dir=args.out, quick=args.quick, device=args.device)
-    return 0
+        return 0
+    code, _, _ = demo_run.main(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def _cross_entropy_setup(n_rows, n_classes, dtype, reduction, z_loss, softcap, c
             "torch eager": fwd_bwd(lambda x, t: _torch_cross_entropy(x, t, **options)),
         }
         if compile_ok:
+            torch._dynamo.reset()  # each case compiles afresh instead of hitting the recompile limit
             compiled = torch.compile(_torch_cross_entropy, dynamic=False)
             impls["torch.compile"] = fwd_bwd(lambda x, t: compiled(x, t, **options))
         if device.type == "cuda" and not z_loss and not softcap and importlib.util.find_spec("liger_kernel"):
@@ -116,6 +117,7 @@ def _clip_setup(shapes, dtype, mode, compile_ok):
             "torch eager": lambda: torch_clip(params),
         }
         if compile_ok:
+            torch._dynamo.reset()
             compiled = torch.compile(torch_clip, dynamic=False)
             impls["torch.compile"] = lambda: compiled(params)
         return impls

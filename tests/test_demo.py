@@ -1,0 +1,37 @@
+"""`nanfuse demo` with few steps: its summary, not its timing."""
+
+import argparse
+import math
+
+import pytest
+
+from nanfuse.__main__ import main
+from nanfuse.demo import run as demo
+
+
+def demo_args(*argv):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_demo_summary(tmp_path):
+    args = demo_args("--steps", "40", "--out", str(tmp_path), "--no-progress")
+    code, results, events = demo.main(args, echo=lambda *a: None)
+    plain, careful, nanfuse_run = results
+    nan_event = next(e for e in events if e.name == "NaN inputs")
+    assert code == 0 and [r.name for r in results] == ["plain", "careful", "nanfuse"]
+    assert not plain.params_finite[-1] and plain.first_nonfinite() == nan_event.steps.start
+    assert set(nanfuse_run.skipped) >= set(nan_event.steps)  # every bad batch skipped
+    assert all(nanfuse_run.params_finite) and math.isfinite(nanfuse_run.final_loss())
+    assert all(careful.params_finite)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "never recovers" in summary and "| nanfuse | 40 |" in summary
+    for event in events:
+        assert event.name in summary
+
+
+def test_demo_command_writes_the_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs the demo extra: pip install 'nanfuse[demo]'")
+    assert main(["demo", "--steps", "20", "--out", str(tmp_path), "--no-progress", "--no-lr-spike"]) == 0
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
