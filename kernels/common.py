@@ -1,5 +1,7 @@
 """Small @triton.jit helpers shared by the kernels, and the launch heuristics they share."""
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
@@ -19,3 +21,14 @@ def tanh(y):
 def warps_for_block(block_size: int) -> int:
     """Warps for a program that streams BLOCK_SIZE elements per step: about 16 fp32 values per thread."""
     return max(1, min(16, block_size // 512))
+
+
+class Launch(NamedTuple):
+    """One kernel launch as a launcher plans it: run() executes it; the AOT check compiles the same thing."""
+    kernel: object
+    grid: tuple
+    args: dict  # every kernel parameter by name, constexprs included
+    num_warps: int
+
+    def run(self):
+        self.kernel[self.grid](**self.args, num_warps=self.num_warps)

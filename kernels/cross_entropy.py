@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import tanh, warps_for_block
+from .common import Launch, tanh, warps_for_block
 
 
 @triton.jit
@@ -266,70 +266,87 @@ def launch_config(n_rows: int, n_classes: int, n_sms: int) -> LaunchConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device: torch.device) -> int:
+def multiprocessor_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter on CPU tensors: few enough "SMs" that small tests exercise the row split
 
 
-def _common_args(logits, target, weight, prob_target, opts):
-    return dict(
-        HAS_SOFTCAP=opts.softcap is not None, HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target,
-    ), (opts.label_smoothing, opts.logit_scale, 1.0 if opts.softcap is None else opts.softcap)
+def _flags(weight, prob_target, opts):
+    return dict(HAS_SOFTCAP=opts.softcap is not None, HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target,
+                SMOOTHING=opts.label_smoothing > 0, smoothing=opts.label_smoothing, logit_scale=opts.logit_scale,
+                softcap=1.0 if opts.softcap is None else opts.softcap)
 
 
-def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
-    """Row losses (normalised for the reduction) and row statistics (max, sum-exp, A) for backward;
-    writes the gradient into `grad` if given. logits: (N, C), classes contiguous; target: (N,) int64
-    or (N, C) probabilities.
+def plan_forward(logits, target, weight, scalars, opts, grad, n_sms):
+    """(launches, per-chunk losses (N, chunks), row statistics) of the forward; `grad` gets the gradient.
+
+    logits: (N, C) with contiguous classes; target: (N,) int64 or (N, C) probabilities.
     """
     n_rows, n_classes = logits.shape
     prob_target = target.dim() == 2
-    cfg = launch_config(n_rows, n_classes, _multiprocessor_count(logits.device))
-    flags, (smoothing, logit_scale, softcap) = _common_args(logits, target, weight, prob_target, opts)
+    cfg = launch_config(n_rows, n_classes, n_sms)
     f32 = dict(device=logits.device, dtype=torch.float32)
     loss = torch.empty(n_rows, cfg.n_chunks, **f32)
     stats = torch.empty(3 if prob_target else 2, n_rows, **f32)  # rows of max, sum-exp, A
-    row_max, row_sum, mass = stats[0], stats[1], stats[-1]
     if n_rows == 0:
-        return loss.sum(1), stats
-    target_row_stride = target.stride(0) if prob_target else 0
+        return [], loss, stats
+    flags = _flags(weight, prob_target, opts)
     weight = logits if weight is None else weight  # never read without HAS_WEIGHT
-    parts = stats
+    target_row_stride = target.stride(0) if prob_target else 0
+    launches, parts = [], stats
+    grid = (n_rows, cfg.n_chunks)
     if cfg.n_chunks > 1:
         parts = torch.empty(stats.shape[0], n_rows, cfg.n_chunks, **f32)
-        cross_entropy_stats_kernel[(n_rows, cfg.n_chunks)](
-            logits, target, weight, parts[0], parts[1], parts[-1],
-            n_classes, cfg.chunk_size, logits.stride(0), target_row_stride,
-            smoothing, logit_scale, softcap,
-            BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps, **flags)
-    cross_entropy_kernel[(n_rows, cfg.n_chunks)](
-        logits, target, weight, scalars, scalars, parts[0], parts[1], parts[-1], row_max, row_sum, mass, loss,
-        logits if grad is None else grad,
-        n_classes, cfg.chunk_size, cfg.n_chunks, logits.stride(0), target_row_stride,
-        0 if grad is None else grad.stride(0), 0,
-        opts.ignore_index, smoothing, opts.z_loss, logit_scale, softcap,
-        SMOOTHING=opts.label_smoothing > 0, COMPUTE_STATS=cfg.n_chunks == 1, WRITE_LOSS=True,
-        WRITE_GRAD=grad is not None, HAS_ROW_SCALE=False,
-        BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps, **flags)
-    return (loss[:, 0] if cfg.n_chunks == 1 else loss.sum(1)), stats
+        stats_flags = {k: v for k, v in flags.items() if k not in ("SMOOTHING",)}
+        launches.append(Launch(cross_entropy_stats_kernel, grid, dict(
+            logits_ptr=logits, target_ptr=target, weight_ptr=weight, part_max_ptr=parts[0], part_sum_ptr=parts[1],
+            part_mass_ptr=parts[-1], n_classes=n_classes, chunk_size=cfg.chunk_size,
+            logits_row_stride=logits.stride(0), target_row_stride=target_row_stride,
+            BLOCK_SIZE=cfg.block_size, **stats_flags), cfg.num_warps))
+    launches.append(Launch(cross_entropy_kernel, grid, dict(
+        logits_ptr=logits, target_ptr=target, weight_ptr=weight, scalars_ptr=scalars, row_scale_ptr=scalars,
+        part_max_ptr=parts[0], part_sum_ptr=parts[1], part_mass_ptr=parts[-1],
+        max_ptr=stats[0], sum_ptr=stats[1], mass_ptr=stats[-1], loss_ptr=loss,
+        grad_ptr=logits if grad is None else grad,
+        n_classes=n_classes, chunk_size=cfg.chunk_size, n_parts=cfg.n_chunks, logits_row_stride=logits.stride(0),
+        target_row_stride=target_row_stride, grad_row_stride=0 if grad is None else grad.stride(0),
+        row_scale_stride=0, ignore_index=opts.ignore_index, z_loss=opts.z_loss,
+        COMPUTE_STATS=cfg.n_chunks == 1, WRITE_LOSS=True, WRITE_GRAD=grad is not None, HAS_ROW_SCALE=False,
+        BLOCK_SIZE=cfg.block_size, **flags), cfg.num_warps))
+    return launches, loss, stats
+
+
+def plan_backward(logits, target, weight, scalars, opts, stats, grad_output, grad, n_sms):
+    """Launches of the reduction='none' backward: `grad` from the saved row statistics, one read, one write."""
+    n_rows, n_classes = logits.shape
+    if n_rows == 0:
+        return []
+    prob_target = target.dim() == 2
+    cfg = launch_config(n_rows, n_classes, n_sms)
+    return [Launch(cross_entropy_kernel, (n_rows, cfg.n_chunks), dict(
+        logits_ptr=logits, target_ptr=target, weight_ptr=logits if weight is None else weight,
+        scalars_ptr=scalars, row_scale_ptr=grad_output, part_max_ptr=stats[0], part_sum_ptr=stats[1],
+        part_mass_ptr=stats[-1], max_ptr=stats[0], sum_ptr=stats[1], mass_ptr=stats[-1], loss_ptr=stats,
+        grad_ptr=grad, n_classes=n_classes, chunk_size=cfg.chunk_size, n_parts=1,
+        logits_row_stride=logits.stride(0), target_row_stride=target.stride(0) if prob_target else 0,
+        grad_row_stride=grad.stride(0), row_scale_stride=grad_output.stride(0), ignore_index=opts.ignore_index,
+        z_loss=opts.z_loss, COMPUTE_STATS=False, WRITE_LOSS=False, WRITE_GRAD=True, HAS_ROW_SCALE=True,
+        BLOCK_SIZE=cfg.block_size, **_flags(weight, prob_target, opts)), cfg.num_warps)]
+
+
+def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
+    """Row losses (normalised for the reduction) and row statistics for backward; writes `grad` if given."""
+    launches, loss, stats = plan_forward(logits, target, weight, scalars, opts, grad,
+                                         multiprocessor_count(logits.device))
+    for launch in launches:
+        launch.run()
+    return (loss[:, 0] if loss.shape[1] == 1 else loss.sum(1)), stats
 
 
 def cross_entropy_backward(logits, target, weight, scalars, opts, stats, grad_output, grad):
     """Gradient of reduction='none' into `grad` from the saved row statistics: one read, one write."""
-    n_rows, n_classes = logits.shape
-    if n_rows == 0:
-        return grad
-    prob_target = target.dim() == 2
-    cfg = launch_config(n_rows, n_classes, _multiprocessor_count(logits.device))
-    flags, (smoothing, logit_scale, softcap) = _common_args(logits, target, weight, prob_target, opts)
-    cross_entropy_kernel[(n_rows, cfg.n_chunks)](
-        logits, target, logits if weight is None else weight, scalars, grad_output, stats[0], stats[1], stats[-1],
-        stats[0], stats[1], stats[-1], stats, grad,
-        n_classes, cfg.chunk_size, 1, logits.stride(0), target.stride(0) if prob_target else 0,
-        grad.stride(0), grad_output.stride(0),
-        opts.ignore_index, smoothing, opts.z_loss, logit_scale, softcap,
-        SMOOTHING=opts.label_smoothing > 0, COMPUTE_STATS=False, WRITE_LOSS=False,
-        WRITE_GRAD=True, HAS_ROW_SCALE=True,
-        BLOCK_SIZE=cfg.block_size, num_warps=cfg.num_warps, **flags)
+    for launch in plan_backward(logits, target, weight, scalars, opts, stats, grad_output, grad,
+                                multiprocessor_count(logits.device)):
+        launch.run()
     return grad

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import warps_for_block
+from .common import Launch, warps_for_block
 
 BLOCK_SIZE = 4096
 NORM_INF, NORM_1, NORM_2, NORM_P = 0, 1, 2, 3
@@ -42,6 +42,31 @@ def _pow(y, norm_type, NORM_KIND: tl.constexpr):
 
 
 @triton.jit
+def _block_location(data_ptrs_ptr, numels_ptr, block_starts_ptr, t, block, DTYPE: tl.constexpr,
+                    ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """(typed data pointer, offset of the block's first element, numel) of `block`, which lies in tensor t."""
+    data = tl.load(data_ptrs_ptr + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # the table builder put only 16-byte-aligned tensors in this table
+        data = tl.multiple_of(data, 16)
+    first = (block - tl.load(block_starts_ptr + t)).to(tl.int64) * BLOCK_SIZE
+    return data, first, tl.load(numels_ptr + t)
+
+
+@triton.jit
+def _load_block(data_ptrs_ptr, numels_ptr, block_starts_ptr, t, block, DTYPE: tl.constexpr,
+                ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One block of tensor t in fp32; 0 past its end."""
+    data, first, numel = _block_location(data_ptrs_ptr, numels_ptr, block_starts_ptr, t, block, DTYPE, ALIGNED,
+                                         BLOCK_SIZE)
+    offsets = first + tl.arange(0, BLOCK_SIZE)
+    if first + BLOCK_SIZE <= numel:  # a whole block: no mask, so the compiler can use 16-byte loads
+        g = tl.load(data + offsets)
+    else:
+        g = tl.load(data + offsets, mask=offsets < numel, other=0.0)
+    return g.to(tl.float32)
+
+
+@triton.jit
 def grad_norm_partials_kernel(
     # the dtype group's table, int64
     data_ptrs_ptr,  # (T,) data pointer of each tensor
@@ -54,7 +79,7 @@ def grad_norm_partials_kernel(
     nan_count_ptr,  # int32 (P,)
     inf_count_ptr,  # int32 (P,)
     total_blocks, blocks_per_program, norm_type,
-    DTYPE: tl.constexpr, NORM_KIND: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NORM_KIND: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     block = pid * blocks_per_program
@@ -69,9 +94,7 @@ def grad_norm_partials_kernel(
         while block >= next_start:  # tables hold no empty tensor, but a program may start at a boundary
             t += 1
             next_start = tl.load(block_starts_ptr + t + 1)
-        data = tl.load(data_ptrs_ptr + t).to(tl.pointer_type(DTYPE))
-        offsets = (block - tl.load(block_starts_ptr + t)).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        g = tl.load(data + offsets, mask=offsets < tl.load(numels_ptr + t), other=0.0).to(tl.float32)
+        g = _load_block(data_ptrs_ptr, numels_ptr, block_starts_ptr, t, block, DTYPE, ALIGNED, BLOCK_SIZE)
         magnitude = tl.abs(g)
         is_nan = g != g
         is_inf = magnitude == float("inf")
@@ -144,7 +167,7 @@ def grad_scale_kernel(
     data_ptrs_ptr, numels_ptr, block_starts_ptr, first_tensor_ptr,  # the dtype group's table, as above
     coef_ptr,  # fp32 scalar on the device: the clip coefficient
     total_blocks, blocks_per_program,
-    DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     """g *= coef over every tensor of the table; no memory traffic at all when coef is exactly 1."""
     coef = tl.load(coef_ptr)
@@ -158,16 +181,20 @@ def grad_scale_kernel(
             while block >= next_start:
                 t += 1
                 next_start = tl.load(block_starts_ptr + t + 1)
-            data = tl.load(data_ptrs_ptr + t).to(tl.pointer_type(DTYPE))
-            offsets = (block - tl.load(block_starts_ptr + t)).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-            mask = offsets < tl.load(numels_ptr + t)
-            g = tl.load(data + offsets, mask=mask).to(tl.float32)
-            tl.store(data + offsets, (g * coef).to(DTYPE), mask=mask)
+            data, first, numel = _block_location(data_ptrs_ptr, numels_ptr, block_starts_ptr, t, block, DTYPE,
+                                                 ALIGNED, BLOCK_SIZE)
+            offsets = first + tl.arange(0, BLOCK_SIZE)
+            if first + BLOCK_SIZE <= numel:  # a whole block: no mask, so the compiler can use 16-byte accesses
+                g = tl.load(data + offsets).to(tl.float32)
+                tl.store(data + offsets, (g * coef).to(DTYPE))
+            else:
+                g = tl.load(data + offsets, mask=offsets < numel).to(tl.float32)
+                tl.store(data + offsets, (g * coef).to(DTYPE), mask=offsets < numel)
             block += 1
 
 
 class TensorTable(NamedTuple):
-    """One dtype group's device-side table (views into one int64 tensor) and its grid."""
+    """One group's device-side table (views into one int64 tensor) and its grid."""
     data_ptrs: torch.Tensor
     numels: torch.Tensor
     block_starts: torch.Tensor
@@ -176,6 +203,7 @@ class TensorTable(NamedTuple):
     blocks_per_program: int
     n_programs: int
     dtype: torch.dtype
+    aligned: bool  # every data pointer is a multiple of 16 bytes
     keep_alive: tuple  # the host buffer of a non-blocking upload stays referenced with the table
 
 
@@ -187,19 +215,30 @@ def programs_for(total_blocks: int, n_sms: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device: torch.device) -> int:
+def multiprocessor_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter on CPU tensors
 
 
-def build_table(tensors, device) -> TensorTable:
-    """Describe non-empty, contiguous tensors of one dtype on one device; uploads without a host sync."""
+def build_tables(tensors, device, n_sms=None):
+    """Tables for non-empty, contiguous tensors on one device, one per (dtype, 16-byte aligned or not).
+
+    The upload is a non-blocking copy from pinned memory: no host sync.
+    """
+    groups = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.data_ptr() % 16 == 0), []).append(t)
+    n_sms = n_sms or multiprocessor_count(device)
+    return [_build_table(group, device, n_sms, aligned) for (_, aligned), group in groups.items()]
+
+
+def _build_table(tensors, device, n_sms, aligned):
     numels = np.array([t.numel() for t in tensors], dtype=np.int64)
     blocks = (numels + BLOCK_SIZE - 1) // BLOCK_SIZE
     block_starts = np.concatenate([[0], np.cumsum(blocks)])
     total_blocks = int(block_starts[-1])
-    n_programs, per_program = programs_for(total_blocks, _multiprocessor_count(device))
+    n_programs, per_program = programs_for(total_blocks, n_sms)
     first_tensor = np.searchsorted(block_starts, np.arange(n_programs) * per_program, side="right") - 1
     host = np.concatenate([[t.data_ptr() for t in tensors], numels, block_starts, first_tensor]).astype(np.int64)
     host = torch.from_numpy(host)
@@ -208,39 +247,54 @@ def build_table(tensors, device) -> TensorTable:
     table = host.to(device, non_blocking=True)
     n = len(tensors)
     return TensorTable(table[:n], table[n:2 * n], table[2 * n:3 * n + 1], table[3 * n + 1:], total_blocks,
-                       per_program, n_programs, tensors[0].dtype, (host,))
+                       per_program, n_programs, tensors[0].dtype, aligned, (host,))
 
 
-def grad_norm(tables, max_norm, norm_type, kind, clip):
-    """(result fp32[4]: norm, coef, found_inf, finite norm; counts int64[2]: NaN, Inf) over all tables."""
+def _table_args(table):
+    return dict(data_ptrs_ptr=table.data_ptrs, numels_ptr=table.numels, block_starts_ptr=table.block_starts,
+                first_tensor_ptr=table.first_tensor, total_blocks=table.total_blocks,
+                blocks_per_program=table.blocks_per_program, DTYPE=TORCH_TO_TRITON[table.dtype],
+                ALIGNED=table.aligned, BLOCK_SIZE=BLOCK_SIZE)
+
+
+def plan_grad_norm(tables, max_norm, norm_type, kind):
+    """(launches, result fp32[4]: norm, coef, found_inf, finite norm; counts int64[2]: NaN, Inf)."""
     device = tables[0].data_ptrs.device
     n_partials = sum(table.n_programs for table in tables)
     partials = torch.empty(2, n_partials, dtype=torch.float32, device=device)
     counts = torch.empty(2, n_partials, dtype=torch.int32, device=device)
-    offset = 0
+    launches, offset = [], 0
     for table in tables:
         span = slice(offset, offset + table.n_programs)
-        grad_norm_partials_kernel[(table.n_programs,)](
-            table.data_ptrs, table.numels, table.block_starts, table.first_tensor,
-            partials[0, span], partials[1, span], counts[0, span], counts[1, span],
-            table.total_blocks, table.blocks_per_program, norm_type,
-            DTYPE=TORCH_TO_TRITON[table.dtype], NORM_KIND=kind, BLOCK_SIZE=BLOCK_SIZE,
-            num_warps=warps_for_block(BLOCK_SIZE))
+        launches.append(Launch(grad_norm_partials_kernel, (table.n_programs,), dict(
+            partial_max_ptr=partials[0, span], partial_sum_ptr=partials[1, span], nan_count_ptr=counts[0, span],
+            inf_count_ptr=counts[1, span], norm_type=norm_type, NORM_KIND=kind, **_table_args(table)),
+            warps_for_block(BLOCK_SIZE)))
         offset += table.n_programs
     result = torch.empty(4, dtype=torch.float32, device=device)
     nonfinite = torch.empty(2, dtype=torch.int64, device=device)
-    finalize_block = min(1024, max(16, triton.next_power_of_2(n_partials)))
-    grad_norm_finalize_kernel[(1,)](
-        partials[0], partials[1], counts[0], counts[1], result, nonfinite,
-        n_partials, 0.0 if max_norm is None else max_norm, norm_type,
-        NORM_KIND=kind, CLIP=max_norm is not None, BLOCK_SIZE=finalize_block, num_warps=4)
+    launches.append(Launch(grad_norm_finalize_kernel, (1,), dict(
+        partial_max_ptr=partials[0], partial_sum_ptr=partials[1], nan_count_ptr=counts[0],
+        inf_count_ptr=counts[1], result_ptr=result, counts_ptr=nonfinite, n_partials=n_partials,
+        max_norm=0.0 if max_norm is None else max_norm, norm_type=norm_type, NORM_KIND=kind,
+        CLIP=max_norm is not None, BLOCK_SIZE=min(1024, max(16, triton.next_power_of_2(n_partials)))), 4))
+    return launches, result, nonfinite
+
+
+def plan_scale(tables, coef):
+    """Launches that multiply every tensor of the tables by the device scalar coef (free when it is 1)."""
+    return [Launch(grad_scale_kernel, (table.n_programs,), dict(coef_ptr=coef, **_table_args(table)),
+                   warps_for_block(BLOCK_SIZE)) for table in tables]
+
+
+def grad_norm(tables, max_norm, norm_type, kind):
+    """Run plan_grad_norm: (result fp32[4], counts int64[2]) on the device, nothing read back."""
+    launches, result, nonfinite = plan_grad_norm(tables, max_norm, norm_type, kind)
+    for launch in launches:
+        launch.run()
     return result, nonfinite
 
 
 def scale_(tables, coef):
-    """Multiply every tensor of the tables by the device scalar coef; free when coef is 1."""
-    for table in tables:
-        grad_scale_kernel[(table.n_programs,)](
-            table.data_ptrs, table.numels, table.block_starts, table.first_tensor, coef,
-            table.total_blocks, table.blocks_per_program,
-            DTYPE=TORCH_TO_TRITON[table.dtype], BLOCK_SIZE=BLOCK_SIZE, num_warps=warps_for_block(BLOCK_SIZE))
+    for launch in plan_scale(tables, coef):
+        launch.run()

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import warps_for_block
+from .common import Launch, warps_for_block
 
 BLOCK_SIZE = 4096
 
@@ -19,10 +19,17 @@ def scale_kernel(x_ptr, factor_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
         tl.store(x_ptr + offsets, (x * factor).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def scale_(x, factor):
-    """x *= factor (a 0-dim device tensor) without a host sync; x must be contiguous."""
+def plan_scale(x, factor):
+    """Launches for x *= factor (a 0-dim device tensor) without a host sync; x contiguous."""
     n = x.numel()
-    if n:
-        scale_kernel[(triton.cdiv(n, BLOCK_SIZE),)](x, factor, n, BLOCK_SIZE=BLOCK_SIZE,
-                                                   num_warps=warps_for_block(BLOCK_SIZE))
+    if not n:
+        return []
+    return [Launch(scale_kernel, (triton.cdiv(n, BLOCK_SIZE),), dict(x_ptr=x, factor_ptr=factor, n_elements=n,
+                                                                     BLOCK_SIZE=BLOCK_SIZE),
+                   warps_for_block(BLOCK_SIZE))]
+
+
+def scale_(x, factor):
+    for launch in plan_scale(x, factor):
+        launch.run()
     return x

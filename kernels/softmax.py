@@ -9,7 +9,7 @@ gradient twice and writes once.
 import triton
 import triton.language as tl
 
-from .common import warps_for_block
+from .common import Launch, warps_for_block
 
 MAX_BLOCK_SIZE = 4096
 
@@ -80,21 +80,34 @@ def _block(n_cols):
     return block_size, warps_for_block(block_size)
 
 
-def softmax_forward(x, y, log):
-    """y = softmax(x) or log_softmax(x) over the last dim of 2-D x; y contiguous."""
+def plan_forward(x, y, log):
+    """Launches for y = softmax(x) or log_softmax(x) over the last dim of 2-D x; y contiguous."""
     n_rows, n_cols = x.shape
-    if n_rows and n_cols:
-        block_size, num_warps = _block(n_cols)
-        softmax_forward_kernel[(n_rows,)](x, y, n_cols, x.stride(0), LOG=log, BLOCK_SIZE=block_size,
-                                          num_warps=num_warps)
+    if not (n_rows and n_cols):
+        return []
+    block_size, num_warps = _block(n_cols)
+    return [Launch(softmax_forward_kernel, (n_rows,), dict(x_ptr=x, y_ptr=y, n_cols=n_cols, x_row_stride=x.stride(0),
+                                                          LOG=log, BLOCK_SIZE=block_size), num_warps)]
+
+
+def plan_backward(y, dy, dx, log):
+    """Launches for dx from the saved output y and upstream dy (classes contiguous); dx contiguous."""
+    n_rows, n_cols = y.shape
+    if not (n_rows and n_cols):
+        return []
+    block_size, num_warps = _block(n_cols)
+    return [Launch(softmax_backward_kernel, (n_rows,), dict(y_ptr=y, dy_ptr=dy, dx_ptr=dx, n_cols=n_cols,
+                                                           dy_row_stride=dy.stride(0), LOG=log,
+                                                           BLOCK_SIZE=block_size), num_warps)]
+
+
+def softmax_forward(x, y, log):
+    for launch in plan_forward(x, y, log):
+        launch.run()
     return y
 
 
 def softmax_backward(y, dy, dx, log):
-    """dx from the saved output y and upstream dy (classes contiguous); dx contiguous."""
-    n_rows, n_cols = y.shape
-    if n_rows and n_cols:
-        block_size, num_warps = _block(n_cols)
-        softmax_backward_kernel[(n_rows,)](y, dy, dx, n_cols, dy.stride(0), LOG=log, BLOCK_SIZE=block_size,
-                                           num_warps=num_warps)
+    for launch in plan_backward(y, dy, dx, log):
+        launch.run()
     return dx

@@ -44,6 +44,16 @@ def use_backend(name: str):
         _override = previous
 
 
+@contextlib.contextmanager
+def without_interpreter():
+    """Benchmarks and the demo measure real paths: under NANFUSE_BACKEND=interpret they run as "auto"."""
+    if current_backend() != "interpret":
+        yield
+        return
+    with use_backend("auto"):
+        yield
+
+
 def uses_triton(tensor: torch.Tensor) -> bool:
     """True when the op on `tensor` should run the Triton kernels rather than pure PyTorch."""
     if tensor.dtype == torch.float64:

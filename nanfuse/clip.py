@@ -88,7 +88,7 @@ def _device_norm(grads, max_norm, norm_type, kind):
     if not tables:
         zeros = torch.zeros(2, dtype=torch.int64, device=device)
         return torch_path.finish(torch.zeros((), device=device), zeros, max_norm), lambda coef: None
-    result = kernels.grad_norm(tables, max_norm, norm_type, kind, max_norm is not None)
+    result = kernels.grad_norm(tables, max_norm, norm_type, kind)
     dense_tables = _tables(dense, device) if strided else tables
 
     def scale_(coef):
@@ -104,17 +104,14 @@ _TABLES_KEPT = 16
 
 
 def _tables(grads, device):
-    """Device-side pointer tables per dtype, cached while the same gradient tensors come back."""
+    """Device-side pointer tables per dtype and alignment, cached while the same gradient tensors come back."""
     key = (device, tuple((g.data_ptr(), g.numel(), g.dtype) for g in grads))
     if key in _TABLES:
         _TABLES.move_to_end(key)
         return _TABLES[key]
     from .kernels import grad_norm as kernels
 
-    by_dtype = collections.defaultdict(list)
-    for g in grads:
-        by_dtype[g.dtype].append(g)
-    tables = [kernels.build_table(group, device) for group in by_dtype.values()]
+    tables = kernels.build_tables(grads, device) if grads else []
     _TABLES[key] = tables
     if len(_TABLES) > _TABLES_KEPT:
         _TABLES.popitem(last=False)

@@ -7,6 +7,7 @@ import pathlib
 
 import torch
 
+from .. import _backend
 from . import cases as case_sets
 from .measure import copy_bandwidth_gbs, device_name, launches_and_syncs, median_ms, peak_extra_bytes
 
@@ -138,8 +139,9 @@ def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=
     copy_gbs = copy_bandwidth_gbs(device)
     echo(f"nanfuse bench on {name}: device-to-device copy {copy_gbs:.1f} GB/s")
     rows = []
-    for case in _progress(cases, progress):
-        rows.extend(run_case(case, device, copy_gbs))
+    with _backend.without_interpreter():
+        for case in _progress(cases, progress):
+            rows.extend(run_case(case, device, copy_gbs))
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = []

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import nanfuse
+from nanfuse import _backend
 
 from .text import training_text
 
@@ -235,7 +236,8 @@ def main(args, echo=print):
     for event in events:
         echo(f"  event '{event.name}' at steps {event.steps.start}-{event.steps.stop - 1}: {event.what}")
     tick, close = _progress_bar(len(RUNS) * args.steps) if args.progress else (lambda: None, lambda: None)
-    results = [train(run, ids, len(vocab_chars), args, events, device, tick) for run in RUNS]
+    with _backend.without_interpreter():
+        results = [train(run, ids, len(vocab_chars), args, events, device, tick) for run in RUNS]
     close()
     report = table(results, events)
     echo("\n" + report)
