@@ -251,18 +251,21 @@ class LaunchConfig(NamedTuple):
 MAX_BLOCK_SIZE = 4096
 
 
-def launch_config(n_rows: int, n_classes: int, n_sms: int) -> LaunchConfig:
+def launch_config(n_rows: int, n_classes: int, n_sms: int, many_options: bool = False) -> LaunchConfig:
     """Block size, warps and row split for an N x C problem on a device with n_sms multiprocessors.
 
     One program per row once there are two rows per SM; fewer rows are split into column chunks
-    (whole blocks each) so that about 4 programs per SM are in flight.
+    (whole blocks each) so that about 4 programs per SM are in flight. With many options on (weights,
+    smoothing, softcap, probability targets) a program gets half the warps: at 16 warps ptxas spills
+    that configuration on sm_90 (kernels/aot_check.py shows it), at 8 it does not.
     """
     block_size = min(MAX_BLOCK_SIZE, max(16, triton.next_power_of_2(n_classes)))
     n_chunks = 1
     if n_rows < 2 * n_sms:
         n_chunks = min(triton.cdiv(n_classes, block_size), triton.cdiv(4 * n_sms, max(n_rows, 1)))
     chunk_size = triton.cdiv(triton.cdiv(n_classes, n_chunks), block_size) * block_size
-    return LaunchConfig(block_size, warps_for_block(block_size), triton.cdiv(n_classes, chunk_size), chunk_size)
+    num_warps = warps_for_block(block_size) // (2 if many_options and block_size >= 2048 else 1)
+    return LaunchConfig(block_size, num_warps, triton.cdiv(n_classes, chunk_size), chunk_size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,6 +273,10 @@ def multiprocessor_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter on CPU tensors: few enough "SMs" that small tests exercise the row split
+
+
+def _many_options(weight, prob_target, opts):
+    return weight is not None or prob_target or opts.label_smoothing > 0 or opts.softcap is not None
 
 
 def _flags(weight, prob_target, opts):
@@ -285,7 +292,7 @@ def plan_forward(logits, target, weight, scalars, opts, grad, n_sms):
     """
     n_rows, n_classes = logits.shape
     prob_target = target.dim() == 2
-    cfg = launch_config(n_rows, n_classes, n_sms)
+    cfg = launch_config(n_rows, n_classes, n_sms, _many_options(weight, prob_target, opts))
     f32 = dict(device=logits.device, dtype=torch.float32)
     loss = torch.empty(n_rows, cfg.n_chunks, **f32)
     stats = torch.empty(3 if prob_target else 2, n_rows, **f32)  # rows of max, sum-exp, A
@@ -323,7 +330,7 @@ def plan_backward(logits, target, weight, scalars, opts, stats, grad_output, gra
     if n_rows == 0:
         return []
     prob_target = target.dim() == 2
-    cfg = launch_config(n_rows, n_classes, n_sms)
+    cfg = launch_config(n_rows, n_classes, n_sms, _many_options(weight, prob_target, opts))
     return [Launch(cross_entropy_kernel, (n_rows, cfg.n_chunks), dict(
         logits_ptr=logits, target_ptr=target, weight_ptr=logits if weight is None else weight,
         scalars_ptr=scalars, row_scale_ptr=grad_output, part_max_ptr=stats[0], part_sum_ptr=stats[1],

@@ -257,6 +257,12 @@ def _table_args(table):
                 ALIGNED=table.aligned, BLOCK_SIZE=BLOCK_SIZE)
 
 
+def partials_warps(kind):
+    """Warps of the partials kernel: a general p (exp2/log2 per element) needs the registers of 16 warps,
+    the other norms spill there on sm_80 and run at 8 (kernels/aot_check.py shows both)."""
+    return warps_for_block(BLOCK_SIZE) // (1 if kind == NORM_P else 2)
+
+
 def plan_grad_norm(tables, max_norm, norm_type, kind):
     """(launches, result fp32[4]: norm, coef, found_inf, finite norm; counts int64[2]: NaN, Inf)."""
     device = tables[0].data_ptrs.device
@@ -269,7 +275,7 @@ def plan_grad_norm(tables, max_norm, norm_type, kind):
         launches.append(Launch(grad_norm_partials_kernel, (table.n_programs,), dict(
             partial_max_ptr=partials[0, span], partial_sum_ptr=partials[1, span], nan_count_ptr=counts[0, span],
             inf_count_ptr=counts[1, span], norm_type=norm_type, NORM_KIND=kind, **_table_args(table)),
-            warps_for_block(BLOCK_SIZE)))
+            partials_warps(kind)))
         offset += table.n_programs
     result = torch.empty(4, dtype=torch.float32, device=device)
     nonfinite = torch.empty(2, dtype=torch.int64, device=device)

@@ -1,0 +1,199 @@
+"""Compile every kernel configuration the launchers can pick for real GPUs (sm_80, sm_90), with no GPU
+present, and read what the hardware would run: registers, spills, shared memory, load widths.
+
+The configurations come from the launchers' own plan_* functions, called on meta tensors of
+representative shapes, so they cannot drift from what a real launch picks. Each launch is specialised
+exactly as Triton's JIT specialises it (integers equal to 1 become constants, pointers and integers
+divisible by 16 get the divisibility attribute), so a row stride of 1,001 elements is compiled, and
+reported, as the unaligned case it is. Resources come from the ptxas and cuobjdump shipped in the
+triton wheel. Compiled kernels are cached for the process (and by Triton on disk).
+"""
+
+import dataclasses
+import functools
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+
+from . import cross_entropy, grad_norm, scale, softmax
+
+# compute capability -> multiprocessors of the flagship card (A100, H100 SXM), for the launchers' grids
+ARCHS = {80: 108, 90: 132}
+CLASS_COUNTS = (1000, 1001, 32_000, 128_256, 262_144)
+ROW_COUNTS = (8192, 64)  # one program per row; rows split across programs
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass
+class KernelReport:
+    kernel: str
+    arch: int
+    num_warps: int
+    constants: dict  # the constexpr values of this configuration (JIT-specialised 1s included)
+    aligned_args: tuple  # the pointer and integer arguments compiled as 16-divisible
+    registers: int
+    spills: int  # local-memory stores and loads (STL/LDL) in the machine code
+    shared_bytes: int
+    loads_16_byte: int  # LDG.E.128 instructions
+    loads_narrower: int  # every other global load
+    examples: list  # the shipped problems that launch this configuration
+
+
+def _nvidia_tool(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _specialize(kernel, args):
+    """(signature, constexprs, attrs) of a launch, by Triton's own JIT specialisation rules."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        value = args[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        from triton._C.libtriton import native_specialize_impl
+
+        kind, attr = native_specialize_impl(CUDABackend, value, param.is_const, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
+        if kind == "constexpr":
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        else:
+            signature[param.name] = kind
+            if attr and "D" in attr:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def streams_aligned_data(report):
+    """True where the configuration streams its main data through a loop and that data is 16-byte aligned:
+    those loads must be 16-byte loads (LDG.E.128)."""
+    c, aligned = report.constants, set(report.aligned_args)
+    if report.kernel in ("grad_norm_partials_kernel", "grad_scale_kernel"):
+        return bool(c["ALIGNED"])
+    if report.kernel == "softmax_forward_kernel":
+        return {"x_ptr", "y_ptr", "x_row_stride", "n_cols"} <= aligned
+    if report.kernel == "softmax_backward_kernel":
+        return {"y_ptr", "dy_ptr", "dx_ptr", "dy_row_stride", "n_cols"} <= aligned
+    if report.kernel == "scale_kernel":
+        return {"x_ptr", "n_elements"} <= aligned
+    streams = report.kernel == "cross_entropy_stats_kernel" or any(
+        c.get(k) for k in ("COMPUTE_STATS", "WRITE_GRAD", "SMOOTHING", "PROB_TARGET"))
+    return streams and {"logits_ptr", "logits_row_stride", "n_classes"} <= aligned
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(kernel, signature_items, constexpr_items, attr_items, num_warps, arch):
+    src = ASTSource(fn=kernel, signature=dict(signature_items), constexprs=dict(constexpr_items),
+                    attrs={k: [list(a) for a in v] for k, v in attr_items})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return compiled.asm["cubin"], compiled.metadata.shared
+
+
+def _resources(cubin):
+    """(registers, spill instructions, 16-byte loads, narrower loads) of the cubin Triton built.
+
+    Registers from `cuobjdump -res-usage`; spills are the local-memory stores and loads (STL/LDL) in the
+    SASS, loads the LDG instructions by width.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage, sass = (subprocess.run([_nvidia_tool("cuobjdump"), flag, path], capture_output=True, text=True,
+                                      check=True).stdout for flag in ("-res-usage", "-sass"))
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
+    loads = re.findall(r"\bLDG\.E[.\w]*", sass)
+    wide = sum(load.endswith(".128") for load in loads)
+    return registers, spills, wide, len(loads) - wide
+
+
+def shipped_launches(n_sms):
+    """(example, Launch) for every configuration the launchers pick on the representative problems."""
+    from nanfuse.cross_entropy import CrossEntropyOptions
+
+    meta = dict(device="meta")
+    launches = []
+    for dtype in DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        for n_rows in ROW_COUNTS:
+            for n_classes in CLASS_COUNTS:
+                logits = torch.empty(n_rows, n_classes, dtype=dtype, **meta)
+                target = torch.empty(n_rows, dtype=torch.int64, **meta)
+                probs = torch.empty(n_rows, n_classes, dtype=dtype, **meta)
+                weight = torch.empty(n_classes, **meta)
+                scalars = torch.empty(3, **meta)
+                grad = torch.empty_like(logits)
+                where = f"{name} {n_rows}x{n_classes}"
+                cases = {
+                    "ce mean": (target, None, CrossEntropyOptions(), grad),
+                    "ce none fwd": (target, None, CrossEntropyOptions(reduction="none"), None),
+                    "ce all options": (target, weight, CrossEntropyOptions(label_smoothing=0.1, z_loss=1e-4,
+                                                                           softcap=30.0, logit_scale=0.5), grad),
+                    "ce probabilities": (probs, None, CrossEntropyOptions(), grad),
+                }
+                for label, (tgt, w, opts, g) in cases.items():
+                    planned, _, stats = cross_entropy.plan_forward(logits, tgt, w, scalars, opts, g, n_sms)
+                    launches += [(f"{label} {where}", launch) for launch in planned]
+                stats = torch.empty(2, n_rows, **meta)
+                upstream = torch.empty(n_rows, **meta)
+                launches += [(f"ce none bwd {where}", launch) for launch in cross_entropy.plan_backward(
+                    logits, target, None, scalars, CrossEntropyOptions(reduction="none"), stats, upstream, grad, n_sms)]
+        for n_classes in CLASS_COUNTS:
+            x = torch.empty(64, n_classes, dtype=dtype, **meta)
+            for log in (False, True):
+                label = f"{'log_' if log else ''}softmax {name} 64x{n_classes}"
+                launches += [(label, launch) for launch in softmax.plan_forward(x, torch.empty_like(x), log)]
+                launches += [(label, launch) for launch in softmax.plan_backward(x, x, torch.empty_like(x), log)]
+        launches += [(f"scale {name}", launch) for launch in
+                     scale.plan_scale(torch.empty(10**6, dtype=dtype, **meta), torch.empty((), **meta))]
+        grads = [torch.empty(n, dtype=dtype, **meta) for n in (768, 768 * 2304, 50257 * 768)]
+        for aligned in (True, False):  # build_tables groups tensors by whether data_ptr % 16 == 0
+            tables = [grad_norm._build_table(grads, torch.device("meta"), n_sms, aligned)]
+            for norm_type, kind in ((2.0, grad_norm.NORM_2), (1.0, grad_norm.NORM_1), (3.5, grad_norm.NORM_P),
+                                    (float("inf"), grad_norm.NORM_INF)):
+                for max_norm in (1.0, None):
+                    planned, _, _ = grad_norm.plan_grad_norm(tables, max_norm, norm_type, kind)
+                    launches += [(f"clip {name} p={norm_type}", launch) for launch in planned]
+            launches += [(f"clip {name}", launch) for launch in
+                         grad_norm.plan_scale(tables, torch.empty((), **meta))]
+    return launches
+
+
+def check(archs=(90, 80), progress=None):
+    """A KernelReport per distinct compiled configuration and architecture, for every shipped launch."""
+    reports = {}
+    for arch in archs:
+        for example, launch in shipped_launches(ARCHS[arch]):
+            signature, constexprs, attrs = _specialize(launch.kernel, launch.args)
+            key = (launch.kernel, tuple(signature.items()), tuple(constexprs.items()),
+                   tuple((k, tuple(tuple(a) for a in v)) for k, v in sorted(attrs.items())), launch.num_warps, arch)
+            if key not in reports:
+                cubin, shared = _compile(*key)
+                registers, spills, wide, narrow = _resources(cubin)
+                aligned = tuple(launch.kernel.params[i].name for (i,) in sorted(attrs))
+                reports[key] = KernelReport(launch.kernel.fn.__name__, arch, launch.num_warps, constexprs, aligned,
+                                            registers, spills, shared, wide, narrow, [])
+                if progress:
+                    progress(reports[key])
+            reports[key].examples.append(example)
+    return list(reports.values())
+
+
+def format_report(reports):
+    """A markdown table: one row per compiled configuration."""
+    lines = ["| kernel | sm | warps | regs | spills | smem B | 16-byte loads | narrower loads | aligned stream | "
+             "constexprs | launched for, e.g. |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(reports, key=lambda r: (r.kernel, -r.arch, str(r.constants), r.aligned_args)):
+        constants = " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in r.constants.items())
+        lines.append(f"| {r.kernel} | {r.arch} | {r.num_warps} | {r.registers} | {r.spills} | {r.shared_bytes} | "
+                     f"{r.loads_16_byte} | {r.loads_narrower} | {'yes' if streams_aligned_data(r) else 'no'} | "
+                     f"{constants} | {r.examples[0]} (+{len(r.examples) - 1} more) |")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""Every kernel configuration the launchers pick builds for sm_80 and sm_90, spills nothing, and streams
+aligned data with 16-byte loads: compiled ahead of time, with no GPU (kernels/aot_check.py)."""
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("NANFUSE_BACKEND") == "interpret",
+    reason="under the interpreter the kernels are not compiled; the default pass runs this check")
+
+
+@pytest.fixture(scope="module")
+def reports():
+    from nanfuse.kernels import aot_check
+
+    return aot_check.check(archs=(90, 80))
+
+
+def describe(r):
+    return f"{r.kernel} sm_{r.arch} {r.constants} for {r.examples[0]}"
+
+
+def test_every_shipped_configuration_builds_for_both_architectures(reports):
+    from nanfuse.kernels import aot_check
+
+    kernels = {r.kernel for r in reports}
+    assert kernels == {"cross_entropy_kernel", "cross_entropy_stats_kernel", "softmax_forward_kernel",
+                       "softmax_backward_kernel", "scale_kernel", "grad_norm_partials_kernel",
+                       "grad_norm_finalize_kernel", "grad_scale_kernel"}
+    for arch in aot_check.ARCHS:
+        assert {r.kernel for r in reports if r.arch == arch} == kernels
+
+
+def test_no_configuration_spills(reports):
+    spilling = [describe(r) for r in reports if r.spills]
+    assert not spilling, spilling
+
+
+def test_aligned_streams_use_16_byte_loads(reports):
+    from nanfuse.kernels.aot_check import streams_aligned_data
+
+    aligned = [r for r in reports if streams_aligned_data(r)]
+    assert len(aligned) > len(reports) // 3
+    narrow = [describe(r) for r in aligned if r.loads_16_byte == 0]
+    assert not narrow, narrow
+
+
+def test_unaligned_row_stride_is_reported_as_such(reports):
+    # 1,001 classes: the row stride is not a multiple of 16 elements, so the compiler cannot vectorise
+    odd = [r for r in reports if r.kernel == "cross_entropy_kernel" and any("x1001" in e for e in r.examples)]
+    assert odd and all("logits_row_stride" not in r.aligned_args for r in odd)
