@@ -1,6 +1,6 @@
 """nanfuse: Triton kernels that keep training free of NaNs, with a pure-PyTorch path for CPU tensors."""
 
-from . import _backend  # first: it sets TRITON_INTERPRET=1 for NANFUSE_BACKEND=interpret
+from . import _backend  # noqa: F401  first: it sets TRITON_INTERPRET=1 for NANFUSE_BACKEND=interpret
 from ._backend import current_backend, use_backend
 from .clip import GradNormReport, clip_and_check_, clip_grad_norm_, grad_norm_check
 from .cross_entropy import CrossEntropyLoss, cross_entropy

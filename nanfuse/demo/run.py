@@ -162,8 +162,8 @@ def describe(result, event):
 
 
 def table(results, events):
-    lines = ["| run | steps completed | first non-finite loss or parameter | steps skipped (why) | final loss | wall time |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | steps completed | first non-finite loss or parameter | steps skipped (why) | final loss | "
+             "wall time |", "|---|---|---|---|---|---|"]
     for r in results:
         first = r.first_nonfinite()
         reasons = sorted(set(r.skipped.values()))
