@@ -148,7 +148,7 @@ def full_cases(device):
         cases.append(cross_entropy_case(4096, 32_000, dtype, z_loss=1e-4, softcap=30.0))
     for dtype in (torch.float32, torch.bfloat16):
         for label, shapes in [("gpt2-124M", gpt2_shapes()), ("llama-1B", llama_shapes()),
-                              ("2000 small", small_shapes())]:
+                              ("2000 small", small_shapes()), ("200x250k", small_shapes(200, 250_000))]:
             for mode in ("no clip", "clip", "nan"):
                 # a cold torch.compile of a 2,000-tensor clip takes minutes on CPU
                 cases.append(clip_case(label, shapes, dtype, mode, compile_ok=on_gpu or label != "2000 small"))
@@ -166,6 +166,8 @@ def quick_cases(device):
         clip_case("gpt2-small-layers", gpt2_shapes(n_layer=2, vocab=8192), torch.float32, "clip", False),
         clip_case("gpt2-small-layers", gpt2_shapes(n_layer=2, vocab=8192), torch.bfloat16, "nan", False),
         clip_case("200 small", small_shapes(200, 1024), torch.float32, "no clip", False),
+        clip_case("200x250k", small_shapes(200, 250_000), torch.float32, "no clip", False),
+        clip_case("200x250k", small_shapes(200, 250_000), torch.float32, "clip", False),
     ]
 
 
