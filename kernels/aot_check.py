@@ -92,7 +92,9 @@ def streams_aligned_data(report):
 def _compile(kernel, signature_items, constexpr_items, attr_items, num_warps, arch):
     src = ASTSource(fn=kernel, signature=dict(signature_items), constexprs=dict(constexpr_items),
                     attrs={k: [list(a) for a in v] for k, v in attr_items})
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    # enable_fp_fusion=True is what a JIT launch gets by default in Triton 3.9
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "enable_fp_fusion": True})
     return compiled.asm["cubin"], compiled.metadata.shared
 
 
