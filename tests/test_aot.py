@@ -32,9 +32,14 @@ def test_every_shipped_configuration_builds_for_both_architectures(reports):
         assert {r.kernel for r in reports if r.arch == arch} == kernels
 
 
-def test_no_configuration_spills(reports):
+SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}  # the opt-in maxima of A100 and H100
+
+
+def test_no_configuration_spills_or_overflows_shared_memory(reports):
     spilling = [describe(r) for r in reports if r.spills]
     assert not spilling, spilling
+    too_big = [describe(r) for r in reports if r.shared_bytes > SHARED_MEMORY_PER_BLOCK[r.arch]]
+    assert not too_big, too_big
 
 
 def test_aligned_streams_use_16_byte_loads(reports):
