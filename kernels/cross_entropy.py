@@ -9,9 +9,10 @@ Memory passes over N x C logits of B bytes (all math in fp32, no N x C fp32 buff
   (online max and sum-exp, then loss and gradient; the second read is meant to hit L2) and writes
   the gradient once: 2B from DRAM.
 - forward without the gradient: B (2B with label smoothing or probability targets).
-- backward of reduction='none': B read + B written, from the saved per-row lse.
+- backward of reduction='none': B read + B written, from the saved per-row max and sum-exp.
 When there are too few rows to fill the GPU, rows are split into column chunks: one launch writes
-each chunk's partial lse, the second combines them per row (the partials are N x chunks floats).
+each chunk's max and sum-exp, the second combines them per row (the partials are N x chunks floats).
+lse is kept as (max, log sum-exp) throughout, so lse - x stays exact for large logits.
 """
 
 import functools

@@ -155,7 +155,7 @@ def _check_target_range(target, n_classes, ignore_index):
     """ValueError for a class index outside [0, C) that is not ignore_index (reads the values: one sync on GPU)."""
     bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
     if bad.any():
-        value = target[bad][0].item()
+        value = target[bad][0].item()  # CPU, or the NANFUSE_CHECK_TARGETS=1 opt-in
         raise ValueError(f"target contains class index {value}, outside [0, {n_classes}) and not "
                          f"ignore_index={ignore_index}")
 

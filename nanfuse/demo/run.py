@@ -70,7 +70,7 @@ class CharModel(torch.nn.Module):
 def _batch(ids, vocab, step, batch_size, context, device):
     generator = torch.Generator().manual_seed(step)
     starts = torch.randint(0, len(ids) - context - 1, (batch_size,), generator=generator)
-    windows = torch.stack([ids[s:s + context + 1] for s in starts.tolist()])
+    windows = torch.stack([ids[s:s + context + 1] for s in starts.tolist()])  # host-side data, no device
     inputs = F.one_hot(windows[:, :-1], vocab).float()
     return inputs.to(device), windows[:, 1:].to(device)
 
@@ -132,7 +132,7 @@ def train(run, ids, vocab, args, events, device, tick):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
-    for step, report in enumerate(reports):
+    for step, report in enumerate(reports):  # read back after the run, for the table only
         if report.found_inf.item():
             skipped[step] = f"{report.nonfinite_count.item()} non-finite gradient values"
     return RunResult(run, torch.stack(losses).tolist(), skipped, torch.stack(finite).tolist(), wall)

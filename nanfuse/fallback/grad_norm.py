@@ -74,6 +74,6 @@ def finish(finite_norm, counts, max_norm):
 
 def scale_(grads, coef):
     """Multiply the gradients by the 0-dim coef in place; skipped when it is 1 and reading it is free."""
-    if may_read_values(coef) and coef.item() == 1.0:
+    if may_read_values(coef) and coef.item() == 1.0:  # CPU, eager: reading is free and skips a pass
         return
     torch._foreach_mul_(grads, coef)
