@@ -12,6 +12,7 @@ def main(argv=None):
     bench.add_argument("--quick", action="store_true", help="a reduced set: under a minute on a 2-core CPU")
     bench.add_argument("--out", default="nanfuse-bench", help="folder for results.json, results.md and plots")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    bench.add_argument("--only", choices=("cross_entropy", "clip"), help="run the cases of one op only")
     bench.add_argument("--kernels", action="store_true",
                        help="instead: compile every kernel configuration for sm_80/sm_90 and print registers, "
                             "spills, shared memory and load widths (no GPU needed)")
@@ -34,7 +35,7 @@ def main(argv=None):
     if args.command == "bench":
         from .benchmark import run
 
-        run(out_dir=args.out, quick=args.quick, device=args.device)
+        run(out_dir=args.out, quick=args.quick, device=args.device, only=args.only)
         return 0
     code, _, _ = demo_run.main(args)
     return code

@@ -118,11 +118,12 @@ def plot(rows, op, path, title):
     return True
 
 
-def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=True, echo=print):
-    """Run the suite, print the tables, write results.json and one PNG per op into out_dir; return the rows."""
+def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=True, echo=print, only=None):
+    """Run the suite (or its `only` op), print the tables, write results.json and one PNG per op into out_dir."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = device_name(device)
     cases = cases if cases is not None else (case_sets.quick_cases if quick else case_sets.full_cases)(device)
+    cases = [c for c in cases if only is None or c.op == only]
     notes = []
     if device.type == "cpu":
         budget = _memory_available_bytes() // 6
