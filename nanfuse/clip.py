@@ -46,19 +46,19 @@ def _as_list(tensors):
 
 def _gradients(parameters, grads_of_parameters_only):
     """Gradients to check: p.grad of parameters (None skipped); other tensors are taken as gradients."""
-    grads = []
-    for i, p in enumerate(_as_list(parameters)):
+    items = _as_list(parameters)
+    for i, p in enumerate(items):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"parameters[{i}] must be a tensor, got {type(p).__name__}")
-        g = p.grad if (grads_of_parameters_only or p.requires_grad) else p
-        if g is None:
-            continue
-        if g.is_sparse or g.layout != torch.strided:
-            raise ValueError(f"parameters[{i}] has a sparse gradient ({g.layout}); nanfuse's clip needs dense ones")
-        if not g.is_floating_point():
-            raise TypeError(f"parameters[{i}] has a gradient of dtype {g.dtype}; it must be floating point")
-        grads.append(g)
-    return grads
+    grads = [p.grad if (grads_of_parameters_only or p.requires_grad) else p for p in items]
+    # checked as sets first: per-tensor Python work adds up over thousands of small tensors
+    if {g.layout for g in grads if g is not None} - {torch.strided}:
+        i = next(i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided)
+        raise ValueError(f"parameters[{i}] has a sparse gradient ({grads[i].layout}); nanfuse's clip needs dense ones")
+    if any(not dtype.is_floating_point for dtype in {g.dtype for g in grads if g is not None}):
+        i = next(i for i, g in enumerate(grads) if g is not None and not g.is_floating_point())
+        raise TypeError(f"parameters[{i}] has a gradient of dtype {grads[i].dtype}; it must be floating point")
+    return [g for g in grads if g is not None]
 
 
 def _reduce_spec(grad, process_group):
@@ -155,9 +155,13 @@ def _norm_check_scale(grads, max_norm, norm_type, process_group):
         return GradNormReport(zero, torch.ones(()), zero, torch.zeros((), dtype=torch.int64)), lambda coef: None
     # group by (reduction groups, device): each group's local result, reduced where sharded
     buckets = collections.defaultdict(list)
-    for g in grads:
-        local, groups = _reduce_spec(g, process_group)
-        buckets[(groups, local.device)].append(local)
+    devices = {g.device for g in grads}
+    if len(devices) == 1 and (DTensor is None or not any(isinstance(g, DTensor) for g in grads)):
+        buckets[(() if process_group is None else (process_group,), devices.pop())] = grads
+    else:
+        for g in grads:
+            local, groups = _reduce_spec(g, process_group)
+            buckets[(groups, local.device)].append(local)
     parts, scalers = [], []
     for (groups, device), local_grads in buckets.items():
         (result, counts), scale_ = _device_norm(local_grads, max_norm, norm_type, kind)
