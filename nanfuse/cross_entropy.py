@@ -141,8 +141,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         logits = logits.contiguous()
     if prob_target and flat_target.stride(-1) != 1:
         flat_target = flat_target.contiguous()
+    if weight is not None:
+        weight = weight.contiguous()  # the kernels index it densely
     if not prob_target:
-        flat_target = flat_target.long()
+        flat_target = flat_target.long().contiguous()  # the kernels read one index per row, densely
         if _backend.may_read_values(flat_target) or os.environ.get("NANFUSE_CHECK_TARGETS") == "1":
             _check_target_range(flat_target, n_classes, opts.ignore_index)
     loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts)

@@ -150,6 +150,15 @@ def test_transposed_and_strided_views(device):
     check(wide, random_targets(5, 600, device))
 
 
+def test_strided_targets_and_weights(device):
+    # a target column of a larger index tensor and every other entry of a weight vector: views, not copies
+    logits = torch.randn(6, 50, device=device)
+    targets = torch.randint(0, 50, (6, 3), device=device)
+    weights = torch.rand(100, device=device)
+    check(logits, targets[:, 1], weight=weights[::2], label_smoothing=0.1)
+    check(logits, targets[:, 2], weight=weights[::2], reduction="none")
+
+
 def test_int64_offsets_past_2_31_elements(device):
     # flash-attention #714, PyTorch #111484: row 1 starts 2**31 elements in; only touched pages are resident
     n_classes = 1000
