@@ -148,8 +148,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         if _backend.may_read_values(flat_target) or os.environ.get("NANFUSE_CHECK_TARGETS") == "1":
             _check_target_range(flat_target, n_classes, opts.ignore_index)
     loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts)
-    if reduction == "none":
-        return loss.reshape(target.shape[:1] + target.shape[2:] if prob_target else target.shape)
+    if reduction == "none":  # one loss per position: (), (N,) or (N, d1, ...)
+        return loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
     return loss
 
 

@@ -124,9 +124,10 @@ def test_matches_torch_on_shared_arguments(device):
 def test_layouts_class_dim_at_1(reduction, device):
     # (C,), (N, C, d1, d2) with probability and index targets, as in F.cross_entropy
     x1 = torch.randn(11, device=device, requires_grad=True)
-    t1 = torch.tensor(4, device=device)
-    ours = nanfuse.cross_entropy(x1, t1, reduction=reduction)
-    assert_close(ours, F.cross_entropy(x1, t1, reduction=reduction).double())
+    for t1 in [torch.tensor(4, device=device), torch.softmax(torch.randn(11, device=device), 0)]:
+        ours, theirs = nanfuse.cross_entropy(x1, t1, reduction=reduction), F.cross_entropy(x1, t1, reduction=reduction)
+        assert ours.shape == theirs.shape
+        assert_close(ours, theirs.double())
     x = torch.randn(3, 7, 4, 5, device=device, requires_grad=True)
     t = torch.randint(0, 7, (3, 4, 5), device=device)
     t[0, 0, 0] = -100
