@@ -47,12 +47,13 @@ def _scaled(grad, factor):
 def _scalars(target, weight, opts, n_rows, n_classes, dtype):
     """[ce_norm, z_norm, weight_sum] on the device: the reduction's normalisers, computed without a sync."""
     device = target.device
-    weight_sum = weight.to(dtype).sum() if weight is not None else torch.tensor(float(n_classes), device=device)
+    # torch.full, not torch.tensor: a device fill, where copying a host value to a GPU would sync
+    weight_sum = weight.to(dtype).sum() if weight is not None else torch.full((), float(n_classes), device=device)
     one = torch.ones((), dtype=dtype, device=device)
     if opts.reduction != "mean":
         return torch.stack([one, one, weight_sum.to(dtype)])
     if target.dim() == 2:
-        ce_den = z_den = torch.tensor(float(n_rows), dtype=dtype, device=device)
+        ce_den = z_den = torch.full((), float(n_rows), dtype=dtype, device=device)
     else:
         valid = target != opts.ignore_index
         z_den = valid.sum().to(dtype)
