@@ -19,6 +19,7 @@ class Case:
     min_bytes: int  # the bytes the op must move at least
     setup: object  # setup(device) -> dict of implementation name -> zero-argument callable
     compile_ok: bool = True
+    variant: str = ""  # what the plot draws as one line across sizes (reduction and options, or clip mode)
 
 
 # ---------------------------------------------------------------- cross-entropy
@@ -75,7 +76,7 @@ def cross_entropy_case(n_rows, n_classes, dtype, reduction="mean", z_loss=0.0, s
     extras = "".join([f" z_loss={z_loss}" if z_loss else "", f" softcap={softcap}" if softcap else ""])
     return Case("cross_entropy", f"{n_rows}x{n_classes} {reduction}{extras}", dtype, n_classes, min_bytes,
                 _cross_entropy_setup(n_rows, n_classes, dtype, reduction, z_loss, softcap, compile_ok),
-                compile_ok)
+                compile_ok, f"{reduction}{extras}")
 
 
 # ---------------------------------------------------------------- gradient clip
@@ -143,7 +144,7 @@ def clip_case(label, shapes, dtype, mode, compile_ok=True):
     grad_bytes = n_params * itemsize
     min_bytes = 3 * grad_bytes if mode == "clip" else grad_bytes
     return Case("clip", f"{label} ({len(shapes)} tensors) {mode}", dtype, n_params, min_bytes,
-                _clip_setup(shapes, dtype, mode, compile_ok), compile_ok)
+                _clip_setup(shapes, dtype, mode, compile_ok), compile_ok, mode)
 
 
 # ---------------------------------------------------------------- the suites

@@ -44,7 +44,7 @@ def run_case(case, device, copy_gbs):
     impls = case.setup(device)
     for name, fn in impls.items():
         row = dict(implementation=name, op=case.op, case=case.name, dtype=str(case.dtype).replace("torch.", ""),
-                   size=case.size, min_bytes=case.min_bytes)
+                   size=case.size, min_bytes=case.min_bytes, variant=case.variant)
         try:
             ms = median_ms(fn, device)
             peak, peak_how = peak_extra_bytes(fn, device) if name != "torch.compile" or device.type == "cuda" \
@@ -90,7 +90,7 @@ def format_table(rows, op, header):
 
 
 def plot(rows, op, path, title):
-    """GB/s against problem size, one line per implementation and dtype; False if matplotlib is missing."""
+    """GB/s against problem size, one line per implementation, dtype and variant; False without matplotlib."""
     try:
         import matplotlib
 
@@ -102,7 +102,8 @@ def plot(rows, op, path, title):
     series = {}
     for row in rows:
         if row["op"] == op and "gbs" in row:
-            series.setdefault(f"{row['implementation']} {row['dtype']}", []).append((row["size"], row["gbs"]))
+            label = f"{row['implementation']} {row['dtype']} {row['variant']}"
+            series.setdefault(label, []).append((row["size"], row["gbs"]))
     for label, points in sorted(series.items()):
         points = sorted(points)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
