@@ -140,6 +140,7 @@ def shipped_launches(n_sms):
                     "ce all options": (target, weight, CrossEntropyOptions(label_smoothing=0.1, z_loss=1e-4,
                                                                            softcap=30.0, logit_scale=0.5), grad),
                     "ce probabilities": (probs, None, CrossEntropyOptions(), grad),
+                    "ce mean in place": (target, None, CrossEntropyOptions(inplace_backward=True), logits),
                 }
                 for label, (tgt, w, opts, g) in cases.items():
                     planned, _, stats = cross_entropy.plan_forward(logits, tgt, w, scalars, opts, g, n_sms)

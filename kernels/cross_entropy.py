@@ -135,7 +135,7 @@ def cross_entropy_kernel(
     # constants
     HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
     SMOOTHING: tl.constexpr, COMPUTE_STATS: tl.constexpr, WRITE_LOSS: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, GRAD_IN_PLACE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     """Grid (N, n_chunks): loss share and gradient of one column chunk of one row.
 
@@ -195,6 +195,10 @@ def cross_entropy_kernel(
         z_scale *= upstream
     p_coef = ce_scale * mass + 2.0 * z_scale * z_loss * lse  # dloss/dx_c = p_coef p_c - ce_scale a_c
     poison = tl.where(in_range | ~valid, 0.0, float("nan"))  # bad target: NaN, never a finite guess
+    if WRITE_LOSS and not PROB_TARGET and GRAD_IN_PLACE:
+        # the sweep overwrites the logits with the gradient: read the target's logit first (otherwise it is
+        # read after the sweep, so that it does not hold a register across the loop)
+        x_y = _load_logits(logits_row_ptr, y, y < n_classes, logit_scale, softcap, HAS_SOFTCAP)
 
     # 3. one sweep over the chunk: dense loss terms and the gradient
     dense_loss = tl.full([], 0.0, tl.float32)
@@ -227,7 +231,8 @@ def cross_entropy_kernel(
     if WRITE_LOSS:
         ce = dense_loss
         if not PROB_TARGET:
-            x_y = _load_logits(logits_row_ptr, y, y < n_classes, logit_scale, softcap, HAS_SOFTCAP)
+            if not GRAD_IN_PLACE:
+                x_y = _load_logits(logits_row_ptr, y, y < n_classes, logit_scale, softcap, HAS_SOFTCAP)
             owns_target = (y >= col_start) & (y < col_end) & (target_coef != 0.0)
             ce += tl.where(owns_target, target_coef * ((shift - x_y) + log_s), 0.0)
         loss = tl.where(ce_scale != 0.0, ce_scale * ce, 0.0)
@@ -252,20 +257,21 @@ class LaunchConfig(NamedTuple):
 MAX_BLOCK_SIZE = 4096
 
 
-def launch_config(n_rows: int, n_classes: int, n_sms: int, many_options: bool = False) -> LaunchConfig:
+def launch_config(n_rows: int, n_classes: int, n_sms: int, fewer_warps: bool = False) -> LaunchConfig:
     """Block size, warps and row split for an N x C problem on a device with n_sms multiprocessors.
 
     One program per row once there are two rows per SM; fewer rows are split into column chunks
-    (whole blocks each) so that about 4 programs per SM are in flight. With many options on (weights,
-    smoothing, softcap, probability targets) a program gets half the warps: at 16 warps ptxas spills
-    that configuration on sm_90 (kernels/aot_check.py shows it), at 8 it does not.
+    (whole blocks each) so that about 4 programs per SM are in flight. fewer_warps (set for weights,
+    smoothing, softcap, probability targets, or a gradient written in place) halves the warps of a wide
+    block: at 16 warps ptxas spills those configurations on sm_90 or sm_80 (kernels/aot_check.py shows
+    it), at 8 it does not.
     """
     block_size = min(MAX_BLOCK_SIZE, max(16, triton.next_power_of_2(n_classes)))
     n_chunks = 1
     if n_rows < 2 * n_sms:
         n_chunks = min(triton.cdiv(n_classes, block_size), triton.cdiv(4 * n_sms, max(n_rows, 1)))
     chunk_size = triton.cdiv(triton.cdiv(n_classes, n_chunks), block_size) * block_size
-    num_warps = warps_for_block(block_size) // (2 if many_options and block_size >= 2048 else 1)
+    num_warps = warps_for_block(block_size) // (2 if fewer_warps and block_size >= 2048 else 1)
     return LaunchConfig(block_size, num_warps, triton.cdiv(n_classes, chunk_size), chunk_size)
 
 
@@ -276,8 +282,8 @@ def multiprocessor_count(device: torch.device) -> int:
     return 4  # the interpreter on CPU tensors: few enough "SMs" that small tests exercise the row split
 
 
-def _many_options(weight, prob_target, opts):
-    return weight is not None or prob_target or opts.label_smoothing > 0 or opts.softcap is not None
+def _fewer_warps(weight, prob_target, opts, in_place):
+    return weight is not None or prob_target or opts.label_smoothing > 0 or opts.softcap is not None or in_place
 
 
 def _flags(weight, prob_target, opts):
@@ -293,7 +299,7 @@ def plan_forward(logits, target, weight, scalars, opts, grad, n_sms):
     """
     n_rows, n_classes = logits.shape
     prob_target = target.dim() == 2
-    cfg = launch_config(n_rows, n_classes, n_sms, _many_options(weight, prob_target, opts))
+    cfg = launch_config(n_rows, n_classes, n_sms, _fewer_warps(weight, prob_target, opts, grad is logits))
     f32 = dict(device=logits.device, dtype=torch.float32)
     loss = torch.empty(n_rows, cfg.n_chunks, **f32)
     stats = torch.empty(3 if prob_target else 2, n_rows, **f32)  # rows of max, sum-exp, A
@@ -321,7 +327,7 @@ def plan_forward(logits, target, weight, scalars, opts, grad, n_sms):
         target_row_stride=target_row_stride, grad_row_stride=0 if grad is None else grad.stride(0),
         row_scale_stride=0, ignore_index=opts.ignore_index, z_loss=opts.z_loss,
         COMPUTE_STATS=cfg.n_chunks == 1, WRITE_LOSS=True, WRITE_GRAD=grad is not None, HAS_ROW_SCALE=False,
-        BLOCK_SIZE=cfg.block_size, **flags), cfg.num_warps))
+        GRAD_IN_PLACE=grad is logits, BLOCK_SIZE=cfg.block_size, **flags), cfg.num_warps))
     return launches, loss, stats
 
 
@@ -331,7 +337,7 @@ def plan_backward(logits, target, weight, scalars, opts, stats, grad_output, gra
     if n_rows == 0:
         return []
     prob_target = target.dim() == 2
-    cfg = launch_config(n_rows, n_classes, n_sms, _many_options(weight, prob_target, opts))
+    cfg = launch_config(n_rows, n_classes, n_sms, _fewer_warps(weight, prob_target, opts, grad is logits))
     return [Launch(cross_entropy_kernel, (n_rows, cfg.n_chunks), dict(
         logits_ptr=logits, target_ptr=target, weight_ptr=logits if weight is None else weight,
         scalars_ptr=scalars, row_scale_ptr=grad_output, part_max_ptr=stats[0], part_sum_ptr=stats[1],
@@ -340,7 +346,8 @@ def plan_backward(logits, target, weight, scalars, opts, stats, grad_output, gra
         logits_row_stride=logits.stride(0), target_row_stride=target.stride(0) if prob_target else 0,
         grad_row_stride=grad.stride(0), row_scale_stride=grad_output.stride(0), ignore_index=opts.ignore_index,
         z_loss=opts.z_loss, COMPUTE_STATS=False, WRITE_LOSS=False, WRITE_GRAD=True, HAS_ROW_SCALE=True,
-        BLOCK_SIZE=cfg.block_size, **_flags(weight, prob_target, opts)), cfg.num_warps)]
+        GRAD_IN_PLACE=grad is logits, BLOCK_SIZE=cfg.block_size, **_flags(weight, prob_target, opts)),
+        cfg.num_warps)]
 
 
 def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
