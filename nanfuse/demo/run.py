@@ -135,6 +135,7 @@ def train(run, ids, vocab, args, events, device, tick):
     for step, report in enumerate(reports):  # read back after the run, for the table only
         if report.found_inf.item():
             skipped[step] = f"{report.nonfinite_count.item()} non-finite gradient values"
+    # read back once, after the run (timed above), for the table
     return RunResult(run, torch.stack(losses).tolist(), skipped, torch.stack(finite).tolist(), wall)
 
 
