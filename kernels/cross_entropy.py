@@ -292,6 +292,11 @@ def _flags(weight, prob_target, opts):
                 softcap=1.0 if opts.softcap is None else opts.softcap)
 
 
+def empty_stats(logits, target):
+    """The row statistics forward saves for backward: rows of max, sum-exp and A (probability targets)."""
+    return torch.empty(3 if target.dim() == 2 else 2, logits.shape[0], device=logits.device, dtype=torch.float32)
+
+
 def plan_forward(logits, target, weight, scalars, opts, grad, n_sms):
     """(launches, per-chunk losses (N, chunks), row statistics) of the forward; `grad` gets the gradient.
 
@@ -302,7 +307,7 @@ def plan_forward(logits, target, weight, scalars, opts, grad, n_sms):
     cfg = launch_config(n_rows, n_classes, n_sms, _fewer_warps(weight, prob_target, opts, grad is logits))
     f32 = dict(device=logits.device, dtype=torch.float32)
     loss = torch.empty(n_rows, cfg.n_chunks, **f32)
-    stats = torch.empty(3 if prob_target else 2, n_rows, **f32)  # rows of max, sum-exp, A
+    stats = empty_stats(logits, target)
     if n_rows == 0:
         return [], loss, stats
     flags = _flags(weight, prob_target, opts)

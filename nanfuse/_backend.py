@@ -22,6 +22,7 @@ if _env_backend == "interpret":
     os.environ["TRITON_INTERPRET"] = "1"
 
 _override: str | None = None
+_ops_in_eager = False
 
 
 def current_backend() -> str:
@@ -69,3 +70,31 @@ def uses_triton(tensor: torch.Tensor) -> bool:
 def may_read_values(tensor: torch.Tensor) -> bool:
     """True where reading a tensor's value into Python costs no device sync: CPU, in eager mode."""
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def through_registered_ops() -> bool:
+    """True when calls go through the torch.library ops (nanfuse/_ops.py): always under torch.compile, and
+    in eager mode only inside registered_ops(). Eager calls otherwise take the autograd Functions
+    directly, which skips the dispatcher's per-call cost (measured by `nanfuse bench --only overhead`).
+    """
+    return _ops_in_eager or torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def registered_ops(enabled: bool = True):
+    """Route eager calls through the registered ops too (what torch.compile sees): for tests and benchmarks."""
+    global _ops_in_eager
+    previous, _ops_in_eager = _ops_in_eager, enabled
+    try:
+        yield
+    finally:
+        _ops_in_eager = previous
+
+
+def no_autocast(tensor: torch.Tensor):
+    """A context that turns autocast off on the tensor's device, so the kernels and their PyTorch twins take
+    half-precision inputs as they are (autocast would upcast some ops' inputs to an fp32 copy)."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

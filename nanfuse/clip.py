@@ -8,6 +8,7 @@ limit, 3G when it is over. Norm, coefficient and flag stay on the device.
 """
 
 import collections
+import functools
 import math
 from typing import NamedTuple
 
@@ -74,29 +75,67 @@ def _reduce_spec(grad, process_group):
     return grad, (() if process_group is None else (process_group,))
 
 
-def _device_norm(grads, max_norm, norm_type, kind):
-    """(result fp32[4], counts int64[2]) for gradients on one device, and how to scale them."""
-    if any(g.dtype == torch.float64 for g in grads) or not _backend.uses_triton(grads[0]):
-        return torch_path.grad_norm(grads, max_norm, norm_type), lambda coef: torch_path.scale_(grads, coef)
+def _device_norm(grads, max_norm, norm_type):
+    """(result fp32[4], counts int64[2]) for gradients on one device, and a function that scales them all
+    by a 0-dim device factor in place; through the registered ops under torch.compile.
+    """
+    if _backend.through_registered_ops():
+        from . import _ops
+
+        return _ops.grad_norm(grads, max_norm, norm_type), functools.partial(_ops.scale_grads_, grads)
+    return device_norm(grads, max_norm, norm_type)
+
+
+def _takes_triton(grads):
+    return not any(g.dtype == torch.float64 for g in grads) and _backend.uses_triton(grads[0])
+
+
+def device_norm(grads, max_norm, norm_type):
+    """_device_norm in eager mode: the kernels for CUDA tensors, the PyTorch path otherwise."""
+    if not _takes_triton(grads):
+        return torch_path.grad_norm(grads, max_norm, norm_type), functools.partial(torch_path.scale_, grads)
     from .kernels import grad_norm as kernels
 
     device = grads[0].device
-    dense = [g for g in grads if g.numel() and g.is_contiguous()]
-    strided = [g for g in grads if g.numel() and not g.is_contiguous()]
+    dense, strided = _split_by_layout(grads)
     copies = [g.contiguous() for g in strided]  # the table holds raw pointers: keep these alive until launched
     tables = _tables(dense + copies, device)
     if not tables:
         zeros = torch.zeros(2, dtype=torch.int64, device=device)
         return torch_path.finish(torch.zeros((), device=device), zeros, max_norm), lambda coef: None
-    result = kernels.grad_norm(tables, max_norm, norm_type, kind)
-    dense_tables = _tables(dense, device) if strided else tables
+    result = kernels.grad_norm(tables, max_norm, norm_type, _norm_kind(norm_type)[1])
+    return result, _triton_scaler(dense, strided, None if strided else tables)
+
+
+def device_scale_(grads, factor):
+    """Multiply gradients on one device by the 0-dim device tensor `factor`, in place (free when it is 1)."""
+    if not _takes_triton(grads):
+        torch_path.scale_(grads, factor)
+    else:
+        _triton_scaler(*_split_by_layout(grads))(factor)
+
+
+def _split_by_layout(grads):
+    """(contiguous, strided) non-empty gradients: the kernels' tables take the first kind only."""
+    return ([g for g in grads if g.numel() and g.is_contiguous()],
+            [g for g in grads if g.numel() and not g.is_contiguous()])
+
+
+def _triton_scaler(dense, strided, dense_tables=None):
+    from .kernels import grad_norm as kernels
+
+    device = (dense or strided or [None])[0]
+    if device is None:
+        return lambda coef: None
+    if dense_tables is None:
+        dense_tables = _tables(dense, device.device)
 
     def scale_(coef):
         kernels.scale_(dense_tables, coef)
         if strided:
             torch._foreach_mul_(strided, coef)
 
-    return result, scale_
+    return scale_
 
 
 _TABLES = collections.OrderedDict()
@@ -143,9 +182,13 @@ def _all_reduce(finite_norm, counts, norm_type, groups):
     return (top * packed[0] ** (1.0 / norm_type)).to(torch.float32), packed[1:].to(torch.int64)
 
 
-def _norm_check_scale(grads, max_norm, norm_type, process_group):
-    """GradNormReport over all gradients, and a function that scales them all by a device coefficient."""
-    norm_type, kind = _norm_kind(norm_type)
+def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
+    """GradNormReport over all gradients, and a function that scales them all by a device factor.
+
+    With `inv_scale` (a 0-dim device tensor: GradScaler's 1 / scale) the gradients are loss-scaled: the
+    report is of the gradients times inv_scale, read as they are (no unscaling pass first).
+    """
+    norm_type, _ = _norm_kind(norm_type)
     if max_norm is not None:
         max_norm = float(max_norm)
         if not max_norm >= 0:
@@ -163,15 +206,19 @@ def _norm_check_scale(grads, max_norm, norm_type, process_group):
             local, groups = _reduce_spec(g, process_group)
             buckets[(groups, local.device)].append(local)
     parts, scalers = [], []
+    device_max_norm = max_norm if inv_scale is None else None  # else the coefficient is formed after unscaling
     for (groups, device), local_grads in buckets.items():
-        (result, counts), scale_ = _device_norm(local_grads, max_norm, norm_type, kind)
+        (result, counts), scale_ = _device_norm(local_grads, device_max_norm, norm_type)
         scalers.append((device, scale_))
         parts.append((result[3], counts, groups, result))
-    if len(parts) == 1 and not parts[0][2]:  # one device, nothing sharded: the finalize said it all
+    if len(parts) == 1 and not parts[0][2] and inv_scale is None:  # the finalize said it all
         result, counts = parts[0][3], parts[0][1]
     else:
         reduced = [(_all_reduce(n, c, norm_type, g) if g else (n, c)) for n, c, g, _ in parts]
-        result, counts = torch_path.finish(*_combine(reduced, norm_type), max_norm)
+        finite_norm, counts = _combine(reduced, norm_type)
+        if inv_scale is not None:  # every norm is homogeneous: ||g * s|| = ||g|| * s
+            finite_norm = finite_norm * inv_scale.to(finite_norm.device, non_blocking=True)
+        result, counts = torch_path.finish(finite_norm, counts, max_norm)
     report = GradNormReport(result[0], result[1], result[2], counts.sum())
 
     def scale_all(coef):
@@ -187,13 +234,13 @@ def grad_norm_check(parameters_or_tensors, max_norm=None, norm_type=2.0, *, proc
     Takes parameters (their .grad is checked; None skipped) or gradient tensors themselves. All results
     are device tensors (no host sync). Cost: one read of the gradients.
     """
-    report, _ = _norm_check_scale(_gradients(parameters_or_tensors, False), max_norm, norm_type, process_group)
+    report, _ = norm_check_scale(_gradients(parameters_or_tensors, False), max_norm, norm_type, process_group)
     return report
 
 
 def clip_and_check_(parameters, max_norm, norm_type=2.0, *, process_group=None):
     """clip_grad_norm_ that returns the whole GradNormReport. Cost: G bytes moved, 3G when clipping."""
-    report, scale_all = _norm_check_scale(_gradients(parameters, True), max_norm, norm_type, process_group)
+    report, scale_all = norm_check_scale(_gradients(parameters, True), max_norm, norm_type, process_group)
     if max_norm is not None:
         scale_all(report.clip_coef)
     return report

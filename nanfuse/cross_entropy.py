@@ -68,31 +68,46 @@ def _scalars(target, weight, opts, n_rows, n_classes, dtype):
     return torch.stack([inverse(ce_den), inverse(z_den), weight_sum.to(dtype)])
 
 
+def forward_pass(logits, target, weight, opts, compute_grad):
+    """(loss, gradient or None, row statistics, normalisers): the forward shared by the autograd Function
+    and the registered op. The gradient is written only for mean/sum and when compute_grad is true.
+    """
+    impl, _ = _implementation(logits)
+    n_rows, n_classes = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    with _backend.no_autocast(logits):
+        scalars = _scalars(target, weight, opts, n_rows, n_classes, acc)
+        grad = None
+        if compute_grad and opts.reduction != "none":
+            grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        row_loss, stats = impl.cross_entropy_forward(logits, target, weight, scalars, opts, grad)
+    return (row_loss if opts.reduction == "none" else row_loss.sum()), grad, stats, scalars
+
+
+def rows_backward(logits, target, weight, scalars, stats, grad_output, opts):
+    """Gradient of reduction='none' for the upstream row gradients, recomputed from the saved statistics."""
+    grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    with _backend.no_autocast(logits):
+        _implementation(logits)[0].cross_entropy_backward(logits, target, weight, scalars, opts, stats,
+                                                          grad_output, grad)
+    return grad
+
+
 class CrossEntropyFunction(torch.autograd.Function):
-    """Autograd node of cross_entropy on (N, C) logits with contiguous classes."""
+    """Autograd node of cross_entropy on (N, C) logits with contiguous classes (the eager path)."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, opts):
-        impl, scale = _implementation(logits)
-        n_rows, n_classes = logits.shape
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        scalars = _scalars(target, weight, opts, n_rows, n_classes, acc)
-        needs_grad = ctx.needs_input_grad[0]
-        grad = None
-        if needs_grad and opts.reduction != "none":
-            grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        row_loss, stats = impl.cross_entropy_forward(logits, target, weight, scalars, opts, grad)
+        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, ctx.needs_input_grad[0])
         if grad is not None and opts.inplace_backward:
             # the logits now hold the gradient: any op that saved them must fail loudly in backward
             torch.autograd.graph.increment_version(logits)
-        ctx.opts, ctx.scale, ctx.impl, ctx.backward_done = opts, scale, impl, False
+        ctx.opts, ctx.scale, ctx.backward_done = opts, _implementation(logits)[1], False
         if grad is not None:
             ctx.save_for_backward(grad)
-        elif needs_grad:
+        elif ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, target, weight, scalars, stats)
-        if opts.reduction == "none":
-            return row_loss
-        return row_loss.sum()
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -108,8 +123,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
             return ctx.scale(grad, grad_output), None, None, None
         logits, target, weight, scalars, stats = ctx.saved_tensors
-        grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        ctx.impl.cross_entropy_backward(logits, target, weight, scalars, opts, stats, grad_output, grad)
+        grad = rows_backward(logits, target, weight, scalars, stats, grad_output, opts)
         if opts.inplace_backward:
             torch.autograd.graph.increment_version(logits)
         return grad, None, None, None
@@ -148,7 +162,12 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         flat_target = flat_target.long().contiguous()  # the kernels read one index per row, densely
         if _backend.may_read_values(flat_target) or os.environ.get("NANFUSE_CHECK_TARGETS") == "1":
             _check_target_range(flat_target, n_classes, opts.ignore_index)
-    loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts)
+    if _backend.through_registered_ops():
+        from . import _ops
+
+        loss = _ops.cross_entropy(logits, flat_target, weight, opts)
+    else:
+        loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts)
     if reduction == "none":  # one loss per position: (), (N,) or (N, d1, ...)
         return loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
     return loss

@@ -18,13 +18,30 @@ def _implementation(x):
     return softmax
 
 
+def rows_forward(x, log):
+    """(log-)softmax of each row of a 2-D tensor with contiguous rows, into a new tensor of x's dtype."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    with _backend.no_autocast(x):
+        _implementation(x).softmax_forward(x, y, log)
+    return y
+
+
+def rows_backward(y, dy, log):
+    """Input gradient of rows_forward from its output y and the upstream gradient dy."""
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx = torch.empty_like(y)
+    with _backend.no_autocast(y):
+        _implementation(y).softmax_backward(y, dy, dx, log)
+    return dx
+
+
 class SoftmaxFunction(torch.autograd.Function):
-    """Autograd node of (log-)softmax over the last dim of a 2-D tensor with contiguous rows."""
+    """Autograd node of (log-)softmax over the last dim of a 2-D tensor with contiguous rows (the eager path)."""
 
     @staticmethod
     def forward(ctx, x, log):
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _implementation(x).softmax_forward(x, y, log)
+        y = rows_forward(x, log)
         ctx.log = log
         ctx.save_for_backward(y)
         return y
@@ -32,23 +49,27 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        dx = torch.empty_like(y)
-        _implementation(y).softmax_backward(y, dy, dx, ctx.log)
-        return dx, None
+        return rows_backward(y, dy, ctx.log), None
+
+
+def _rows(x, log):
+    if _backend.through_registered_ops():
+        from . import _ops
+
+        return _ops.softmax(x, log)
+    return SoftmaxFunction.apply(x, log)
 
 
 def _apply(input, dim, log):
     check_logits("input", input)
     if input.dim() == 0:
-        return SoftmaxFunction.apply(input.reshape(1, 1), log).reshape(())
+        return _rows(input.reshape(1, 1), log).reshape(())
     dim = dim % input.dim()
     moved = input.movedim(dim, -1)
     rows = moved.reshape(-1, moved.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    return SoftmaxFunction.apply(rows, log).reshape(moved.shape).movedim(-1, dim)
+    return _rows(rows, log).reshape(moved.shape).movedim(-1, dim)
 
 
 def softmax(input, dim=-1):

@@ -84,26 +84,90 @@ def test_fused_path_equals_clip_then_step():
         assert_close(a, b.double(), torch.float32)
 
 
-def test_with_grad_scaler():
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    guard = nanfuse.NanGuard(optimizer, max_norm=1.0, scaler=scaler)
-    for step in range(4):
+class GradientOps(TorchDispatchMode):
+    """Names of the ops that read or write any of the given gradient tensors, one per pass over them,
+    leaving out those of the optimizer's own step (the same on both sides)."""
+
+    def __init__(self, grads, optimizer):
+        super().__init__()
+        self.ptrs, self.ops, self.in_step = {g.data_ptr() for g in grads}, [], False
+        step = optimizer.step
+
+        def unrecorded_step(*args, **kwargs):
+            self.in_step = True
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.in_step = False
+
+        self.unrecorded_step = unrecorded_step
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        if not self.in_step and any(isinstance(a, torch.Tensor) and a.numel() > 1 and a.data_ptr() in self.ptrs for a in flat):
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+SCALER_OPTIMIZERS = {
+    "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adamw-fused": lambda params: torch.optim.AdamW(params, lr=1e-2, fused=True),
+}
+
+
+@pytest.mark.parametrize("name", SCALER_OPTIMIZERS)
+def test_grad_scaler_evolves_as_with_pytorch(name):
+    # PyTorch's recipe: scaler.unscale_ -> clip_grad_norm_ -> scaler.step -> scaler.update, one pass each.
+    # The guard reads the scaled gradients once and scales them (at most) once, and the scaler's scale and
+    # growth tracker (GradScaler private attributes the guard drives: this test pins them) stay identical.
+    ours, theirs = make_model(), make_model()
+    theirs.load_state_dict(ours.state_dict())
+    opt_ours, opt_theirs = SCALER_OPTIMIZERS[name](ours.parameters()), SCALER_OPTIMIZERS[name](theirs.parameters())
+    scaler_ours, scaler_theirs = (torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+                                  for _ in range(2))
+    guard = nanfuse.NanGuard(opt_ours, max_norm=0.5, scaler=scaler_ours)
+    for step in range(7):
         x, y = batch(step)
-        scaler.scale(nanfuse.cross_entropy(model(x), y)).backward()
-        if step == 2:
-            model[2].bias.grad[0] = float("inf")
-            before = snapshot(model, optimizer)
-        report = guard.step()
-        if step == 2:
-            assert report.found_inf.item() == 1.0
-            assert_same(before, snapshot(model, optimizer))
-            assert scaler.get_scale() == 2.0**9  # the scaler backed off, exactly as with its own unscale_/step/update
-        else:
-            assert report.total_norm.item() < 1e3  # the norm is of unscaled gradients
+        for model, scaler in ((ours, scaler_ours), (theirs, scaler_theirs)):
+            scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+            if step == 3:  # an overflow: both skip and back off
+                model[2].bias.grad[0] = float("inf")
+        ours_trace = GradientOps([p.grad for p in ours.parameters()], opt_ours)
+        theirs_trace = GradientOps([p.grad for p in theirs.parameters()], opt_theirs)
+        opt_ours.step, opt_theirs.step = ours_trace.unrecorded_step, theirs_trace.unrecorded_step
+        with ours_trace:
+            report = guard.step()
+        with theirs_trace:
+            scaler_theirs.unscale_(opt_theirs)
+            norm = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5)
+            scaler_theirs.step(opt_theirs)
+            scaler_theirs.update()
+        assert torch.equal(scaler_ours._scale, scaler_theirs._scale), step
+        assert torch.equal(scaler_ours._growth_tracker, scaler_theirs._growth_tracker), step
+        assert report.found_inf.item() == (1.0 if step == 3 else 0.0)
+        if step != 3:
+            assert_close(report.total_norm, norm.double(), torch.float32, "norm of the unscaled gradients")
+        if step != 3:  # (on CPU a non-finite tensor is looked at again, by itself, to count its NaN/Inf)
+            passes, theirs_passes = ours_trace.ops, theirs_trace.ops
+            assert len(passes) == (1 if "fused" in name else 2) < len(theirs_passes) == 3, (passes, theirs_passes)
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            assert_close(a, b.double(), torch.float32, f"parameter after step {step}")
         guard.zero_grad()
+        opt_theirs.zero_grad()
+    assert scaler_ours.get_scale() != 2.0**12  # the scale both backed off and grew during the run
     assert guard.skipped_steps.item() == 1
+
+
+def test_grad_scaler_unscaled_twice_is_an_error():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    guard = nanfuse.NanGuard(optimizer, max_norm=1.0, scaler=scaler)
+    x, y = batch(0)
+    scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(optimizer)
+    with pytest.raises(RuntimeError, match="NanGuard unscales the gradients itself"):
+        guard.step()
 
 
 def test_state_dict_round_trip():

@@ -123,6 +123,11 @@ def _log_probs(chunk, opts, acc):
     return x, torch.log_softmax(x, 1)
 
 
+def empty_stats(logits, target):
+    """The row statistics forward saves for backward: rows of lse (only with z_loss) and A."""
+    return torch.empty(2, logits.shape[0], dtype=_acc_dtype(logits), device=logits.device)
+
+
 def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
     """Row losses (normalised for the reduction) and row statistics (lse, A) for backward; fills `grad`
     if given. One read of the logits and, with `grad`, one write, chunk by chunk.
@@ -132,7 +137,7 @@ def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
     scalars = scalars.to(acc)
     ce_scale, z_scale = scalars[0], scalars[1]
     loss = torch.empty(n_rows, dtype=acc, device=logits.device)
-    stats = torch.zeros(2, n_rows, dtype=acc, device=logits.device)  # lse (only with z_loss), A
+    stats = empty_stats(logits, target).zero_()
     for rows in _row_chunks(n_rows, n_classes):
         x, logp = _log_probs(logits[rows], opts, acc)
         rt = _RowTargets(target[rows], weight, scalars, opts, n_classes, acc)

@@ -1,0 +1,196 @@
+"""nanfuse's ops registered with torch.library, the form torch.compile sees them in.
+
+Each op is opaque to Dynamo and Inductor: a compiled graph calls it as one node (on CUDA it launches the
+Triton kernels, on CPU it runs the chunked PyTorch path) instead of tracing into the autograd Function
+or unrolling the CPU row-chunk loop. A fake implementation gives the output shapes for tracing, and
+register_autograd gives AOTAutograd the backward. The public functions route here under
+torch.compile (and inside nanfuse._backend.registered_ops()); plain eager calls take the autograd
+Functions directly, which skips the dispatcher's per-call cost.
+
+Differences from the eager path, all of memory, none of results: `inplace_backward` is not honoured (the
+gradient gets its own buffer), and backward of mean/sum scales the saved gradient out of place.
+"""
+
+import weakref
+
+import torch
+from torch import Tensor
+
+from . import clip
+from .cross_entropy import CrossEntropyOptions, _implementation, forward_pass, rows_backward
+from .softmax import rows_backward as softmax_rows_backward
+from .softmax import rows_forward as softmax_rows_forward
+
+# ---------------------------------------------------------------- cross-entropy
+
+
+def _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
+    return CrossEntropyOptions(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, False)
+
+
+@torch.library.custom_op("nanfuse::cross_entropy", mutates_args=())
+def _cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
+                   label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float,
+                   compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, gradient for mean/sum or an empty tensor, row statistics, normalisers) of (N, C) logits."""
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
+    loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad)
+    return loss, logits.new_empty(0) if grad is None else grad, stats, scalars
+
+
+@_cross_entropy.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+      compute_grad):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = logits.new_empty(logits.shape[:1] if reduction == "none" else (), dtype=acc)
+    has_grad = compute_grad and reduction != "none"
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if has_grad else logits.new_empty(0)
+    stats = _implementation(logits)[0].empty_stats(logits, target)
+    return loss, grad, stats, logits.new_empty(3, dtype=acc)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, target, weight, *options, _ = inputs
+    _, grad, stats, scalars = output
+    ctx.mark_non_differentiable(grad, stats, scalars)
+    ctx.opts = _options(*options)
+    if ctx.opts.reduction == "none":
+        ctx.save_for_backward(logits, target, weight, scalars, stats)
+    else:
+        ctx.save_for_backward(grad)
+
+
+def _cross_entropy_backward(ctx, d_loss, *_):
+    if ctx.opts.reduction != "none":
+        (grad,) = ctx.saved_tensors
+        return (grad * d_loss.to(grad.dtype),) + (None,) * 9
+    logits, target, weight, scalars, stats = ctx.saved_tensors
+    o = ctx.opts
+    d_logits = _cross_entropy_rows_backward(logits, target, weight, scalars, stats, d_loss, o.ignore_index,
+                                            o.label_smoothing, o.z_loss, o.softcap, o.logit_scale)
+    return (d_logits,) + (None,) * 9
+
+
+_cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
+@torch.library.custom_op("nanfuse::cross_entropy_rows_backward", mutates_args=())
+def _cross_entropy_rows_backward(logits: Tensor, target: Tensor, weight: Tensor | None, scalars: Tensor,
+                                 stats: Tensor, grad_output: Tensor, ignore_index: int, label_smoothing: float,
+                                 z_loss: float, softcap: float | None, logit_scale: float) -> Tensor:
+    """Gradient of reduction='none' from the saved row statistics and the upstream row gradients."""
+    opts = _options(ignore_index, "none", label_smoothing, z_loss, softcap, logit_scale)
+    return rows_backward(logits, target, weight, scalars, stats, grad_output, opts)
+
+
+@_cross_entropy_rows_backward.register_fake
+def _(logits, *_):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def cross_entropy(logits, target, weight, opts):
+    """The op's loss for (N, C) logits; what nanfuse.cross_entropy calls under torch.compile."""
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    return _cross_entropy(logits, target, weight, opts.ignore_index, opts.reduction, opts.label_smoothing,
+                          opts.z_loss, opts.softcap, opts.logit_scale, compute_grad)[0]
+
+
+# ---------------------------------------------------------------- softmax
+
+
+@torch.library.custom_op("nanfuse::softmax", mutates_args=())
+def softmax(x: Tensor, log: bool) -> Tensor:
+    """(log-)softmax over the rows of a 2-D tensor with contiguous rows."""
+    return softmax_rows_forward(x, log)
+
+
+@softmax.register_fake
+def _(x, log):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("nanfuse::softmax_backward", mutates_args=())
+def softmax_backward(y: Tensor, dy: Tensor, log: bool) -> Tensor:
+    return softmax_rows_backward(y, dy, log)
+
+
+@softmax_backward.register_fake
+def _(y, dy, log):
+    return torch.empty_like(y)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.log = inputs[1]
+    ctx.save_for_backward(output)
+
+
+def _softmax_backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return softmax_backward(y, dy, ctx.log), None
+
+
+softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+
+
+# ---------------------------------------------------------------- gradient norm, clip and guarded step
+
+
+@torch.library.custom_op("nanfuse::grad_norm", mutates_args=())
+def _grad_norm(grads: list[Tensor], max_norm: float | None, norm_type: float) -> tuple[Tensor, Tensor]:
+    """(result fp32[4]: norm, clip coefficient, found_inf, finite norm; counts int64[2]: NaN, Inf)."""
+    return clip.device_norm(grads, max_norm, norm_type)[0]
+
+
+@_grad_norm.register_fake
+def _(grads, max_norm, norm_type):
+    device = grads[0].device
+    return torch.empty(4, dtype=torch.float32, device=device), torch.empty(2, dtype=torch.int64, device=device)
+
+
+def grad_norm(grads, max_norm, norm_type):
+    """The op's (result, counts) for non-empty gradients on one device."""
+    return _grad_norm(grads, max_norm, norm_type)
+
+
+@torch.library.custom_op("nanfuse::scale_grads_", mutates_args=("grads",))
+def scale_grads_(grads: list[Tensor], factor: Tensor) -> None:
+    """Multiply gradients on one device by a 0-dim device factor in place (free when it is 1)."""
+    clip.device_scale_(grads, factor)
+
+
+@scale_grads_.register_fake
+def _(grads, factor):
+    return None
+
+
+_OPTIMIZERS = weakref.WeakValueDictionary()
+
+
+def remember_optimizer(optimizer) -> int:
+    """The key fused_optimizer_step finds `optimizer` by (an op takes tensors and numbers, not objects)."""
+    _OPTIMIZERS[id(optimizer)] = optimizer
+    return id(optimizer)
+
+
+@torch.library.custom_op("nanfuse::fused_optimizer_step", mutates_args=())
+def _fused_optimizer_step(grad_scale: Tensor, found_inf: Tensor, skipped_steps: Tensor, key: int) -> Tensor:
+    """optimizer.step() of the PyTorch fused optimizer remembered under `key`, given grad_scale and found_inf;
+    returns skipped_steps + found_inf. PyTorch's optimizer step cannot be traced with fullgraph=True
+    (it calls torch._dynamo.graph_break()), so the compiled graph calls it as this one opaque node. It
+    updates the parameters and optimizer state behind the graph's back: nothing after it in the same
+    compiled region may read them (NanGuard.step ends with it).
+    """
+    from .guard import fused_step
+
+    fused_step(_OPTIMIZERS[key], grad_scale, found_inf)
+    return skipped_steps + found_inf.to(skipped_steps.dtype)
+
+
+@_fused_optimizer_step.register_fake
+def _(grad_scale, found_inf, skipped_steps, key):
+    return torch.empty_like(skipped_steps)
+
+
+def fused_optimizer_step(key, grad_scale, found_inf, skipped_steps):
+    """The op: step the remembered fused optimizer; returns the advanced skipped-step counter."""
+    return _fused_optimizer_step(grad_scale, found_inf, skipped_steps, key)
