@@ -104,7 +104,8 @@ class GradientOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
-        if not self.in_step and any(isinstance(a, torch.Tensor) and a.numel() > 1 and a.data_ptr() in self.ptrs for a in flat):
+        touches = any(isinstance(a, torch.Tensor) and a.numel() > 1 and a.data_ptr() in self.ptrs for a in flat)
+        if touches and not self.in_step:
             self.ops.append(func.__name__)
         return func(*args, **(kwargs or {}))
 
