@@ -8,6 +8,7 @@ from helpers import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nanfuse
+from nanfuse._backend import uses_triton
 from nanfuse.fallback import grad_norm as torch_grad_norm
 
 OPTIMIZERS = {
@@ -148,7 +149,9 @@ def test_grad_scaler_evolves_as_with_pytorch(name):
         assert report.found_inf.item() == (1.0 if step == 3 else 0.0)
         if step != 3:
             assert_close(report.total_norm, norm.double(), torch.float32, "norm of the unscaled gradients")
-        if step != 3:  # (on CPU a non-finite tensor is looked at again, by itself, to count its NaN/Inf)
+        # PyTorch-path passes are aten ops (the kernels read through pointer tables: test_clip counts launches);
+        # on CPU a non-finite tensor is looked at again, by itself, to count its NaN/Inf
+        if step != 3 and not uses_triton(x):
             passes, theirs_passes = ours_trace.ops, theirs_trace.ops
             assert len(passes) == (1 if "fused" in name else 2) < len(theirs_passes) == 3, (passes, theirs_passes)
         for a, b in zip(ours.parameters(), theirs.parameters()):
