@@ -1,0 +1,1 @@
+"""Integrations with training frameworks; each is an optional extra (transformers: pip install "nanfuse[hf]")."""
