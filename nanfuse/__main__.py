@@ -12,7 +12,8 @@ def main(argv=None):
     bench.add_argument("--quick", action="store_true", help="a reduced set: under a minute on a 2-core CPU")
     bench.add_argument("--out", default="nanfuse-bench", help="folder for results.json, results.md and plots")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    bench.add_argument("--only", choices=("cross_entropy", "clip"), help="run the cases of one op only")
+    bench.add_argument("--only", choices=("cross_entropy", "clip", "overhead"),
+                       help="run the cases of one op only, or only the eager per-call overhead table")
     bench.add_argument("--kernels", action="store_true",
                        help="instead: compile every kernel configuration for sm_80/sm_90 and print registers, "
                             "spills, shared memory and load widths (no GPU needed)")

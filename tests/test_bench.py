@@ -6,10 +6,11 @@ import math
 import torch
 
 from nanfuse.__main__ import main
-from nanfuse.benchmark import cases, run
+from nanfuse.benchmark import cases, overhead, run
 
 
-def test_runner_writes_every_implementation(tmp_path):
+def test_runner_writes_every_implementation(tmp_path, monkeypatch):
+    monkeypatch.setattr(overhead, "CALLS", 3)
     results = run(out_dir=tmp_path, cases=cases.tiny_cases(torch.device("cpu")), device="cpu", progress=False,
                   echo=lambda *a: None)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -23,6 +24,10 @@ def test_runner_writes_every_implementation(tmp_path):
         by_op.setdefault(row["op"], set()).add(row["implementation"])
     assert by_op == {"cross_entropy": {"nanfuse", "torch eager"}, "clip": {"nanfuse", "torch eager"}}
     assert (tmp_path / "results.md").read_text().count("| nanfuse |") == 2
+    assert [row["op"].split()[0].rstrip(",") for row in saved["overhead"]] == ["cross_entropy", "softmax", "clip_grad_norm_"]
+    for row in saved["overhead"]:
+        assert all(row[field] > 0 for field in ("eager_us", "registered_us", "torch_us")), row
+    assert "eager per-call cost" in (tmp_path / "results.md").read_text()
     assert saved["copy_gbs"] > 0 and saved["device"]
 
 
@@ -31,6 +36,7 @@ def test_quick_set_has_no_cold_compile():
 
 
 def test_command_line_entry(tmp_path, monkeypatch):
+    monkeypatch.setattr(overhead, "CALLS", 3)
     monkeypatch.setattr(cases, "quick_cases", cases.tiny_cases)
     assert main(["bench", "--quick", "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert (tmp_path / "results.json").exists()

@@ -9,6 +9,7 @@ import torch
 
 from .. import _backend
 from . import cases as case_sets
+from . import overhead
 from .measure import copy_bandwidth_gbs, device_name, launches_and_syncs, median_ms, peak_extra_bytes
 
 COLUMNS = ["implementation", "case", "dtype", "median ms", "min bytes", "GB/s", "of copy BW",
@@ -154,12 +155,17 @@ def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=
             echo("\n" + tables[-1])
             if plot(rows, op, out / f"{op}.png", f"{title} on {name}"):
                 echo(f"plot: {out / f'{op}.png'}")
+    overhead_rows = []
+    if only in (None, "overhead"):
+        overhead_rows = overhead.measure(device)
+        tables.append(overhead.format_table(overhead_rows, name))
+        echo("\n" + tables[-1])
     peak_how = sorted({row["peak_how"] for row in rows if row.get("peak_how")})
     notes += [f"peak extra memory: {how}" for how in peak_how]
     for note in notes:
         echo(f"note: {note}")
     results = dict(device=name, device_type=device.type, copy_gbs=copy_gbs, quick=quick, notes=notes,
-                   torch=torch.__version__, rows=rows)
+                   torch=torch.__version__, rows=rows, overhead=overhead_rows)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text("\n\n".join(tables + ["\n".join(f"- {n}" for n in notes)]) + "\n")
     echo(f"results: {out / 'results.json'} and {out / 'results.md'} in {os.path.abspath(out)}")
