@@ -136,20 +136,15 @@ softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 
 
 @torch.library.custom_op("nanfuse::grad_norm", mutates_args=())
-def _grad_norm(grads: list[Tensor], max_norm: float | None, norm_type: float) -> tuple[Tensor, Tensor]:
+def grad_norm(grads: list[Tensor], max_norm: float | None, norm_type: float) -> tuple[Tensor, Tensor]:
     """(result fp32[4]: norm, clip coefficient, found_inf, finite norm; counts int64[2]: NaN, Inf)."""
     return clip.device_norm(grads, max_norm, norm_type)[0]
 
 
-@_grad_norm.register_fake
+@grad_norm.register_fake
 def _(grads, max_norm, norm_type):
     device = grads[0].device
     return torch.empty(4, dtype=torch.float32, device=device), torch.empty(2, dtype=torch.int64, device=device)
-
-
-def grad_norm(grads, max_norm, norm_type):
-    """The op's (result, counts) for non-empty gradients on one device."""
-    return _grad_norm(grads, max_norm, norm_type)
 
 
 @torch.library.custom_op("nanfuse::scale_grads_", mutates_args=("grads",))
@@ -173,7 +168,7 @@ def remember_optimizer(optimizer) -> int:
 
 
 @torch.library.custom_op("nanfuse::fused_optimizer_step", mutates_args=())
-def _fused_optimizer_step(grad_scale: Tensor, found_inf: Tensor, skipped_steps: Tensor, key: int) -> Tensor:
+def fused_optimizer_step(key: int, grad_scale: Tensor, found_inf: Tensor, skipped_steps: Tensor) -> Tensor:
     """optimizer.step() of the PyTorch fused optimizer remembered under `key`, given grad_scale and found_inf;
     returns skipped_steps + found_inf. PyTorch's optimizer step cannot be traced with fullgraph=True
     (it calls torch._dynamo.graph_break()), so the compiled graph calls it as this one opaque node. It
@@ -186,11 +181,6 @@ def _fused_optimizer_step(grad_scale: Tensor, found_inf: Tensor, skipped_steps: 
     return skipped_steps + found_inf.to(skipped_steps.dtype)
 
 
-@_fused_optimizer_step.register_fake
-def _(grad_scale, found_inf, skipped_steps, key):
+@fused_optimizer_step.register_fake
+def _(key, grad_scale, found_inf, skipped_steps):
     return torch.empty_like(skipped_steps)
-
-
-def fused_optimizer_step(key, grad_scale, found_inf, skipped_steps):
-    """The op: step the remembered fused optimizer; returns the advanced skipped-step counter."""
-    return _fused_optimizer_step(grad_scale, found_inf, skipped_steps, key)

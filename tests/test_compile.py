@@ -70,7 +70,7 @@ def test_softmax_ops_pass_opcheck(log):
 @pytest.mark.parametrize("max_norm", [None, 0.5])
 def test_clip_ops_pass_opcheck(max_norm):
     grads = [torch.randn(7, 3), torch.randn(11).to(torch.bfloat16), torch.randn(2, 2)[:, 0]]
-    torch.library.opcheck(_ops._grad_norm, (grads, max_norm, 2.0))
+    torch.library.opcheck(_ops.grad_norm, (grads, max_norm, 2.0))
     torch.library.opcheck(_ops.scale_grads_, (grads, torch.tensor(0.25)))
 
 
@@ -79,8 +79,8 @@ def test_fused_optimizer_step_op_passes_opcheck():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     model(torch.randn(2, 4)).sum().backward()
     key = _ops.remember_optimizer(optimizer)
-    args = (torch.tensor(1.0), torch.tensor(0.0), torch.zeros((), dtype=torch.int64), key)
-    torch.library.opcheck(_ops._fused_optimizer_step, args, test_utils=("test_schema", "test_faketensor"))
+    args = (key, torch.tensor(1.0), torch.tensor(0.0), torch.zeros((), dtype=torch.int64))
+    torch.library.opcheck(_ops.fused_optimizer_step, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("options", CROSS_ENTROPY_OPTIONS, ids=str)
