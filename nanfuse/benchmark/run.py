@@ -135,7 +135,7 @@ def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=
     if quick:
         notes.append("quick shapes are small: on a CPU much of the data stays in cache, so a fraction of the "
                      "copy bandwidth above 100% means cache, not memory, served it")
-    if not any(c.compile_ok for c in cases):
+    if cases and not any(c.compile_ok for c in cases):
         notes.append("torch.compile: not run in this set (a cold compile takes ~20 s to minutes on a CPU)")
     if device.type == "cuda" and not __import__("importlib").util.find_spec("liger_kernel"):
         notes.append("liger-kernel: skipped, not importable")
@@ -143,7 +143,7 @@ def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=
     echo(f"nanfuse bench on {name}: device-to-device copy {copy_gbs:.1f} GB/s")
     rows = []
     with _backend.without_interpreter():
-        for case in _progress(cases, progress):
+        for case in _progress(cases, progress and bool(cases)):
             rows.extend(run_case(case, device, copy_gbs))
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
