@@ -122,13 +122,13 @@ def _split_by_layout(grads):
 
 
 def _triton_scaler(dense, strided, dense_tables=None):
+    """A function that scales the contiguous gradients through the kernels' tables, the strided ones by foreach."""
     from .kernels import grad_norm as kernels
 
-    device = (dense or strided or [None])[0]
-    if device is None:
+    if not dense and not strided:
         return lambda coef: None
     if dense_tables is None:
-        dense_tables = _tables(dense, device.device)
+        dense_tables = _tables(dense, (dense or strided)[0].device)
 
     def scale_(coef):
         kernels.scale_(dense_tables, coef)
