@@ -35,7 +35,7 @@ def _per_call_us(fn, device, calls=CALLS, samples=7):
     return sorted(times)[len(times) // 2]
 
 
-def _cases(device):
+def cases(device):
     logits = torch.randn(8, 128, device=device, requires_grad=True)
     target = torch.randint(0, 128, (8,), device=device)
     scores = torch.randn(8, 128, device=device, requires_grad=True)
@@ -63,7 +63,7 @@ def measure(device):
     """Rows (op, nanfuse eager us, through the registered op us, PyTorch us) on `device`."""
     rows = []
     with _backend.without_interpreter():
-        for name, ours, theirs in _cases(device):
+        for name, ours, theirs in cases(device):
             eager = _per_call_us(ours, device)
             with _backend.registered_ops():
                 registered = _per_call_us(ours, device)
