@@ -63,7 +63,7 @@ def _cross_entropy_setup(ctx, inputs, output):
 def _cross_entropy_backward(ctx, d_loss, *_):
     if ctx.opts.reduction != "none":
         (grad,) = ctx.saved_tensors
-        return (grad * d_loss.to(grad.dtype),) + (None,) * 9
+        return (grad * d_loss,) + (None,) * 9  # 0-dim fp32 d_loss: fp32 product, grad's dtype
     logits, target, weight, scalars, stats = ctx.saved_tensors
     o = ctx.opts
     d_logits = _cross_entropy_rows_backward(logits, target, weight, scalars, stats, d_loss, o.ignore_index,

@@ -41,7 +41,7 @@ def _scaled(grad, factor):
     """grad * factor out of place (so backward may run again), and no pass at all when factor is 1 on CPU."""
     if _backend.may_read_values(factor) and factor.item() == 1.0:  # CPU: reading it costs no sync
         return grad
-    return grad * factor.to(grad.dtype)
+    return grad * factor  # a 0-dim fp32 factor: the product is formed in fp32, rounded once to grad's dtype
 
 
 def _scalars(target, weight, opts, n_rows, n_classes, dtype):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from reference import cross_entropy_ref
 
 import nanfuse
+from nanfuse._backend import registered_ops
 from nanfuse.cross_entropy import CrossEntropyFunction, CrossEntropyOptions
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -367,3 +368,20 @@ def test_large_logits_keep_their_precision(device):
     logits = torch.randn(4, 3000, device=device) * 3 + 1e4
     logits[1] = torch.randn(3000) * 1e37
     check(logits, random_targets(4, 3000, device, n_ignored=0), reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.skipif(nanfuse.current_backend() == "interpret",
+                    reason="the interpreter's casts truncate, a bias of their own; the default pass checks this")
+@pytest.mark.parametrize("through_op", [False, True], ids=["eager", "registered-op"])
+def test_half_precision_gradient_is_scaled_without_bias(through_op, device):
+    # the upstream factor (here 1/29, as a loss divided by its number of target tokens) must be applied in
+    # fp32: rounded to bf16 first, it would scale the whole gradient by up to 2**-9 too much or too little
+    logits = (torch.randn(64, 1000, device=device) * 2).to(torch.bfloat16)
+    target = torch.randint(0, 1000, (64,), device=device)
+    x = logits.clone().requires_grad_()
+    with registered_ops(through_op):
+        (nanfuse.cross_entropy(x, target, reduction="sum") / 29).backward()
+    x_ref = logits.cpu().double().requires_grad_()
+    (cross_entropy_ref(x_ref, target.cpu(), reduction="sum") / 29).backward()
+    relative_error = (x.grad.cpu().double() - x_ref.grad) / x_ref.grad
+    assert abs(relative_error.mean().item()) < 2e-4  # round-to-nearest errors average out; a bias does not
