@@ -50,11 +50,12 @@ def check_cross_entropy_args(input, target, weight, opts):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
     if not 0.0 <= opts.label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {opts.label_smoothing}")
-    if opts.softcap is not None and not (opts.softcap > 0 and math.isfinite(opts.softcap)):
+    # chained comparisons, not math.isfinite: they are False for NaN too, and Dynamo traces them with dynamic=True
+    if opts.softcap is not None and not 0 < opts.softcap < math.inf:
         raise ValueError(f"softcap must be a finite number > 0 or None, got {opts.softcap}")
-    if not (opts.logit_scale > 0 and math.isfinite(opts.logit_scale)):
+    if not 0 < opts.logit_scale < math.inf:
         raise ValueError(f"logit_scale must be a finite number > 0, got {opts.logit_scale}")
-    if not (opts.z_loss >= 0 and math.isfinite(opts.z_loss)):
+    if not 0 <= opts.z_loss < math.inf:
         raise ValueError(f"z_loss must be a finite number >= 0, got {opts.z_loss}")
     if opts.inplace_backward and input.requires_grad:
         if input.is_leaf:

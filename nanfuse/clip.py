@@ -36,7 +36,7 @@ def _norm_kind(norm_type):
     norm_type = float(norm_type)
     if norm_type == math.inf:
         return norm_type, 0
-    if not (norm_type > 0 and math.isfinite(norm_type)):
+    if not 0 < norm_type < math.inf:  # (not math.isfinite: Dynamo cannot trace it with dynamic=True)
         raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type}")
     return norm_type, {1.0: 1, 2.0: 2}.get(norm_type, 3)
 

@@ -145,6 +145,22 @@ def test_model_with_cross_entropy_compiles_in_one_graph(options):
         assert_close(p.grad, q.grad.double(), what=f"grad of {name}")
 
 
+def test_dynamic_shapes_compile_once_for_every_batch_size():
+    model = TinyLM()
+
+    def loss_fn(tokens):
+        logits = model(tokens).flatten(0, 1)
+        return nanfuse.cross_entropy(logits, tokens.flatten(), label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n_rows in (2, 5, 9):
+        tokens = torch.randint(0, 97, (n_rows, 7))
+        assert_close(compiled(tokens), loss_fn(tokens).double(), what=f"loss for {n_rows} rows")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_compiled_graph_holds_one_cross_entropy_call_whatever_the_size():
     # the CPU path works in row chunks; under compile that loop stays inside the op, never unrolled
     def loss_fn(logits, target):
