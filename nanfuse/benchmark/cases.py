@@ -12,7 +12,7 @@ import nanfuse
 
 @dataclasses.dataclass
 class Case:
-    op: str  # "cross_entropy" or "clip"
+    op: str  # "cross_entropy", "softmax" or "clip"
     name: str  # what the row says about the shape
     dtype: torch.dtype
     size: int  # the x axis of the plot: vocabulary size or parameter count
@@ -147,6 +147,43 @@ def clip_case(label, shapes, dtype, mode, compile_ok=True):
                 _clip_setup(shapes, dtype, mode, compile_ok), compile_ok, mode)
 
 
+# ---------------------------------------------------------------- softmax
+
+def _softmax_setup(n_rows, n_classes, dtype, log, compile_ok):
+    def setup(device):
+        x = (torch.randn(n_rows, n_classes, device=device) * 2).to(dtype).requires_grad_()
+        upstream = torch.randn(n_rows, n_classes, device=device).to(dtype)
+
+        def fwd_bwd(fn):
+            def run():
+                fn(x).backward(upstream)
+                x.grad = None
+            return run
+
+        def torch_softmax(t):
+            return (F.log_softmax if log else F.softmax)(t, dim=-1)
+
+        impls = {
+            "nanfuse": fwd_bwd(lambda t: (nanfuse.log_softmax if log else nanfuse.softmax)(t, dim=-1)),
+            "torch eager": fwd_bwd(torch_softmax),
+        }
+        if compile_ok:
+            torch._dynamo.reset()
+            impls["torch.compile"] = fwd_bwd(torch.compile(torch_softmax, dynamic=False))
+        return impls
+
+    return setup
+
+
+def softmax_case(n_rows, n_classes, dtype, log=False, compile_ok=True):
+    itemsize = torch.finfo(dtype).bits // 8
+    # forward reads x and writes y; backward reads y and dy and writes dx: 5 * N * C * itemsize
+    min_bytes = 5 * n_rows * n_classes * itemsize
+    name = "log_softmax" if log else "softmax"
+    return Case("softmax", f"{n_rows}x{n_classes} {name}", dtype, n_classes, min_bytes,
+                _softmax_setup(n_rows, n_classes, dtype, log, compile_ok), compile_ok, name)
+
+
 # ---------------------------------------------------------------- the suites
 
 def full_cases(device):
@@ -163,6 +200,25 @@ def full_cases(device):
             for mode in ("no clip", "clip", "nan"):
                 # a cold torch.compile of a 2,000-tensor clip takes minutes on CPU
                 cases.append(clip_case(label, shapes, dtype, mode, compile_ok=on_gpu or label != "2000 small"))
+    for dtype in (torch.bfloat16, torch.float32):
+        for n_rows, n_classes in [(64, 32_000), (8192, 4096)]:
+            cases += [softmax_case(n_rows, n_classes, dtype, log) for log in (False, True)]
+    return cases
+
+
+def gpu_check_cases(device):
+    """The set the prepared GPU check runs (bench/gpu-check.sh): the shapes language models train at, in about
+    three minutes on one GPU with torch.compile and Liger-Kernel beside nanfuse."""
+    cases = [cross_entropy_case(n_rows, n_classes, torch.bfloat16)
+             for n_rows, n_classes in [(8192, 32_000), (8192, 128_256), (32768, 1024)]]
+    cases += [cross_entropy_case(8192, 32_000, torch.float32),
+              cross_entropy_case(8192, 128_256, torch.bfloat16, "none"),
+              cross_entropy_case(8192, 32_000, torch.bfloat16, z_loss=1e-4, softcap=30.0)]
+    cases += [clip_case(label, shapes, torch.bfloat16 if label == "llama-1B" else torch.float32, mode)
+              for label, shapes in [("gpt2-124M", gpt2_shapes()), ("llama-1B", llama_shapes())]
+              for mode in ("no clip", "clip")]
+    cases += [softmax_case(64, 32_000, torch.bfloat16), softmax_case(8192, 4096, torch.bfloat16),
+              softmax_case(8192, 4096, torch.float32, log=True)]
     return cases
 
 
@@ -179,6 +235,7 @@ def quick_cases(device):
         clip_case("200 small", small_shapes(200, 1024), torch.float32, "no clip", False),
         clip_case("200x250k", small_shapes(200, 250_000), torch.float32, "no clip", False),
         clip_case("200x250k", small_shapes(200, 250_000), torch.float32, "clip", False),
+        softmax_case(1024, 4096, torch.float32, compile_ok=False),
     ]
 
 
@@ -187,4 +244,5 @@ def tiny_cases(device):
     return [
         cross_entropy_case(8, 300, torch.float32, compile_ok=False),
         clip_case("tiny", [(10,), (300,)], torch.float32, "clip", False),
+        softmax_case(8, 300, torch.float32, compile_ok=False),
     ]

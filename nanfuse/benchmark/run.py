@@ -4,6 +4,7 @@ import gc
 import json
 import os
 import pathlib
+import time
 
 import torch
 
@@ -12,6 +13,8 @@ from . import cases as case_sets
 from . import overhead
 from .measure import copy_bandwidth_gbs, device_name, launches_and_syncs, median_ms, peak_extra_bytes
 
+OP_TITLES = [("cross_entropy", "cross-entropy forward+backward"), ("softmax", "softmax forward+backward"),
+             ("clip", "gradient-norm clip")]
 COLUMNS = ["implementation", "case", "dtype", "median ms", "min bytes", "GB/s", "of copy BW",
            "peak extra MB", "launches", "syncs"]
 
@@ -91,7 +94,8 @@ def format_table(rows, op, header):
 
 
 def plot(rows, op, path, title):
-    """GB/s against problem size, one line per implementation, dtype and variant; False without matplotlib."""
+    """One panel per case family (dtype and variant), the cases along x and the implementations side by side
+    as bars of achieved GB/s, so each nanfuse bar stands next to its PyTorch ones; False without matplotlib."""
     try:
         import matplotlib
 
@@ -99,29 +103,38 @@ def plot(rows, op, path, title):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
-    series = {}
+    families = {}
     for row in rows:
         if row["op"] == op and "gbs" in row:
-            label = f"{row['implementation']} {row['dtype']} {row['variant']}"
-            series.setdefault(label, []).append((row["size"], row["gbs"]))
-    for label, points in sorted(series.items()):
-        points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("vocabulary size" if op == "cross_entropy" else "parameters")
-    ax.set_ylabel("achieved GB/s (minimum bytes / median time)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+            families.setdefault(f"{row['dtype']} {row['variant']}".strip(), []).append(row)
+    if not families:
+        return False
+    fig, axes = plt.subplots(len(families), 1, figsize=(9, 2.8 * len(families) + 0.6), squeeze=False)
+    for ax, (family, family_rows) in zip(axes[:, 0], sorted(families.items())):
+        case_names = list(dict.fromkeys(row["case"] for row in sorted(family_rows, key=lambda r: r["size"])))
+        impls = list(dict.fromkeys(row["implementation"] for row in family_rows))
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            gbs = {row["case"]: row["gbs"] for row in family_rows if row["implementation"] == impl}
+            xs = [i + (k - (len(impls) - 1) / 2) * width for i, name in enumerate(case_names) if name in gbs]
+            ax.bar(xs, [gbs[name] for name in case_names if name in gbs], width, label=impl)
+        ax.set_xticks(range(len(case_names)), [name.split(" ")[0] if op != "clip" else name for name in case_names],
+                      fontsize=8)
+        ax.set_title(family, fontsize=9)
+        ax.set_ylabel("GB/s")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{title}: achieved GB/s (minimum bytes / median time)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
 
-def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=True, echo=print, only=None):
-    """Run the suite (or its `only` op), print the tables, write results.json and one PNG per op into out_dir."""
+def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=True, echo=print, only=None,
+        deadline=None):
+    """Run the suite (or its `only` op), print the tables, write results.json and one PNG per op into out_dir.
+    With `deadline` (a time.monotonic() value) the cases not started by then are skipped and listed."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = device_name(device)
     cases = cases if cases is not None else (case_sets.quick_cases if quick else case_sets.full_cases)(device)
@@ -144,11 +157,14 @@ def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=
     rows = []
     with _backend.without_interpreter():
         for case in _progress(cases, progress and bool(cases)):
+            if deadline is not None and time.monotonic() > deadline:
+                notes.append(f"not run (time budget spent): {case.op} {case.name} {case.dtype}")
+                continue
             rows.extend(run_case(case, device, copy_gbs))
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = []
-    for op, title in [("cross_entropy", "cross-entropy forward+backward"), ("clip", "gradient-norm clip")]:
+    for op, title in OP_TITLES:
         if any(row["op"] == op for row in rows):
             header = f"### {title} on {name} (copy bandwidth {copy_gbs:.1f} GB/s)"
             tables.append(format_table(rows, op, header))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import nanfuse
 from nanfuse import _backend
 
+from .._cli_types import available_device, non_negative_int, positive_float, positive_int, writable_folder
 from .text import training_text
 
 RUNS = ("plain", "careful", "nanfuse")
@@ -255,14 +256,15 @@ def main(args, echo=print):
 
 
 def add_arguments(parser):
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="nanfuse-demo", help="folder for loss.png and summary.md")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--context", type=int, default=32)
-    parser.add_argument("--max-norm", type=float, default=1.0)
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps per run")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="base learning rate of AdamW")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the model, data and text")
+    parser.add_argument("--out", type=writable_folder, default="nanfuse-demo",
+                        help="folder for loss.png and summary.md")
+    parser.add_argument("--device", type=available_device, default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch")
+    parser.add_argument("--context", type=positive_int, default=32, help="characters per sequence")
+    parser.add_argument("--max-norm", type=positive_float, default=1.0, help="gradient-norm clip limit")
     parser.add_argument("--no-lr-spike", action="store_true", help="leave out the learning-rate spike")
     parser.add_argument("--no-nan-data", action="store_true", help="leave out the batches with NaN inputs")
     parser.add_argument("--no-half-logits", action="store_true", help="leave out the float16 large logits")
