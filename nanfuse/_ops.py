@@ -136,15 +136,18 @@ softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 
 
 @torch.library.custom_op("nanfuse::grad_norm", mutates_args=())
-def grad_norm(grads: list[Tensor], max_norm: float | None, norm_type: float) -> tuple[Tensor, Tensor]:
-    """(result fp32[4]: norm, clip coefficient, found_inf, finite norm; counts int64[2]: NaN, Inf)."""
+def grad_norm(grads: list[Tensor], max_norm: float | None, norm_type: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(result [3]: norm, clip coefficient, found_inf (fp32, fp64 if any gradient is fp64); the norm of the
+    finite values, fp64; counts int64[2]: NaN, Inf)."""
     return clip.device_norm(grads, max_norm, norm_type)[0]
 
 
 @grad_norm.register_fake
 def _(grads, max_norm, norm_type):
     device = grads[0].device
-    return torch.empty(4, dtype=torch.float32, device=device), torch.empty(2, dtype=torch.int64, device=device)
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    return (torch.empty(3, dtype=dtype, device=device), torch.empty((), dtype=torch.float64, device=device),
+            torch.empty(2, dtype=torch.int64, device=device))
 
 
 @torch.library.custom_op("nanfuse::scale_grads_", mutates_args=("grads",))

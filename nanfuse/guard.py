@@ -90,7 +90,8 @@ class NanGuard:
         found_inf = report.found_inf
         if self._fused():
             # the optimizer divides by grad_scale: g / (scale / coef) = g * (1 / scale) * coef
-            grad_scale = 1.0 / report.clip_coef if inv_scale is None else 1.0 / (inv_scale * report.clip_coef)
+            coef = report.clip_coef.float()  # PyTorch's fused kernels take fp32 grad_scale, whatever the params
+            grad_scale = 1.0 / coef if inv_scale is None else 1.0 / (inv_scale * coef)
             self._fused_step(grad_scale, found_inf)
             if state is not None:
                 state["found_inf_per_device"], state["stage"] = {found_inf.device: found_inf}, OptState.STEPPED

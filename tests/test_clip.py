@@ -181,3 +181,70 @@ def test_pointer_tables_are_cached(device):
     tables = list(clip._TABLES.values())[-1]
     nanfuse.grad_norm_check(params)
     assert len(clip._TABLES) == key_count and list(clip._TABLES.values())[-1] is tables
+
+
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def test_a_norm_beyond_fp32_range_saturates_and_still_clips_right(device):
+    # issue 11 item 1: one finite tensor whose norm (4e38) overflows fp32 gave norm NaN, found_inf 0 and NaN
+    # gradients on the PyTorch path (Inf and zeroed gradients through the kernels)
+    p = torch.nn.Parameter(torch.zeros(4, device=device))
+    p.grad = torch.full((4,), 2e38, device=device)
+    report = nanfuse.clip_and_check_([p], 1.0)
+    assert report.found_inf.item() == 0.0 and report.total_norm.item() == FP32_MAX
+    assert_close(report.clip_coef, torch.tensor(1 / 4e38, dtype=torch.float64), torch.float32, "coef")
+    assert_close(p.grad, torch.full((4,), 0.5, dtype=torch.float64), torch.float32, "clipped")
+    q = torch.nn.Parameter(torch.zeros(4, device=device))
+    q.grad = torch.full((4,), 2e38, device=device)
+    guard = nanfuse.NanGuard(torch.optim.SGD([q], lr=1.0), max_norm=1.0)
+    guard.step()
+    assert_close(q.detach(), torch.full((4,), -0.5, dtype=torch.float64), torch.float32, "parameters")
+
+
+@pytest.mark.parametrize("layout", ["one tensor", "own tensor"])
+def test_a_subnormal_maximum_gives_the_right_norm(layout, device):
+    # issue 11 item 2: a program whose largest |g| is subnormal computed 1/max = inf: norm NaN, no clipping
+    tiny = torch.cat([torch.zeros(100), torch.tensor([1e-39])]).to(device)
+    big = torch.randn(5000, device=device)
+    grads = [torch.cat([big, tiny])] if layout == "one tensor" else [big, tiny]
+    ref = grad_norm_ref(grads)
+    report = nanfuse.grad_norm_check([g.clone() for g in grads], max_norm=1.0)
+    assert report.found_inf.item() == 0.0
+    assert_close(report.total_norm, ref, torch.float32, "norm")
+    assert_close(report.clip_coef, 1.0 / (ref + 1e-6), torch.float32, "coef")
+    only_subnormal = [torch.full((9,), 3e-42, device=device)]
+    assert_close(nanfuse.grad_norm_check(only_subnormal).total_norm, grad_norm_ref(only_subnormal), torch.float32)
+
+
+@pytest.mark.parametrize("values, norm_type, max_norm", [(1e-30, 2.0, 1.0), (0.1, 50.0, 0.01), (3e-42, 3.5, 1.0),
+                                                         (1e-20, 1.0, 1e-25)])
+def test_tiny_values_and_high_orders_do_not_underflow(values, norm_type, max_norm, device):
+    # issue 11 item 3: 1e-30 gave norm 0 on the PyTorch path; p=50 of 0.1 gave 0 there (no clip with
+    # max_norm 0.01) and 0.1148 through the kernels
+    grads = [torch.full((10,), values, device=device), torch.full((3,), -values / 2, device=device)]
+    ref = grad_norm_ref(grads, norm_type)
+    report = nanfuse.grad_norm_check(grads, max_norm, norm_type)
+    assert abs(report.total_norm.item() - ref.item()) <= 2e-5 * ref.item() + 2.0**-149, (report.total_norm, ref)
+    assert (report.clip_coef.item() < 1.0) == (max_norm < ref.item())
+
+
+def test_fp64_gradients_get_an_fp64_norm(device):
+    # issue 11 item 9: any fp64 gradient crashed ("should be convertible without narrowing")
+    model = torch.nn.Linear(30, 20).double().to(device)
+    model(torch.randn(8, 30, dtype=torch.float64, device=device)).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    ref = grad_norm_ref(grads)
+    total = nanfuse.clip_grad_norm_(model.parameters(), 0.5)
+    assert total.dtype == torch.float64  # as PyTorch's clip gives fp64 gradients
+    assert_close(total, ref, torch.float64, "fp64 norm")
+    for g, p in zip(grads, model.parameters()):
+        assert_close(p.grad, g * (0.5 / (ref + 1e-6)), torch.float64, "clipped fp64 gradient")
+    mixed = [torch.randn(1000, device=device), torch.randn(10, dtype=torch.float64, device=device)]
+    report = nanfuse.grad_norm_check(mixed, 1.0)
+    assert report.total_norm.dtype == torch.float64 and report.found_inf.dtype == torch.float32
+    assert_close(report.total_norm, grad_norm_ref(mixed), torch.float64, "mixed fp32 + fp64 norm")
+    guard = nanfuse.NanGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=0.5)
+    model(torch.randn(8, 30, dtype=torch.float64, device=device)).square().sum().backward()
+    guard.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
