@@ -11,6 +11,7 @@ Differences from the eager path, all of memory, none of results: `inplace_backwa
 gradient gets its own buffer), and backward of mean/sum scales the saved gradient out of place.
 """
 
+import itertools
 import weakref
 
 import torch
@@ -162,12 +163,15 @@ def _(grads, factor):
 
 
 _OPTIMIZERS = weakref.WeakValueDictionary()
+_NEXT_KEY = itertools.count()
 
 
 def remember_optimizer(optimizer) -> int:
-    """The key fused_optimizer_step finds `optimizer` by (an op takes tensors and numbers, not objects)."""
-    _OPTIMIZERS[id(optimizer)] = optimizer
-    return id(optimizer)
+    """A new key fused_optimizer_step finds `optimizer` by (an op takes tensors and numbers, not objects).
+    Keys are never reused, so a copied or unpickled guard that registers its own optimizer steps that one."""
+    key = next(_NEXT_KEY)
+    _OPTIMIZERS[key] = optimizer
+    return key
 
 
 @torch.library.custom_op("nanfuse::fused_optimizer_step", mutates_args=())

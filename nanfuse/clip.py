@@ -37,8 +37,26 @@ class GradNormReport(NamedTuple):
     nonfinite_count: torch.Tensor  # int64: how many gradient values are NaN or Inf
 
 
+def check_max_norm(max_norm):
+    """max_norm as a float (or None), or a ValueError naming it: a number >= 0 (inf: never clip)."""
+    if max_norm is None:
+        return None
+    if isinstance(max_norm, torch.Tensor) and max_norm.numel() != 1:
+        raise ValueError(f"max_norm must be a number >= 0 or None, got a tensor of shape {tuple(max_norm.shape)}")
+    try:
+        value = float(max_norm)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_norm must be a number >= 0 or None, got {max_norm!r}") from None
+    if not value >= 0:  # False for NaN too
+        raise ValueError(f"max_norm must be a number >= 0 or None, got {value}")
+    return value
+
+
 def _norm_kind(norm_type):
-    norm_type = float(norm_type)
+    try:
+        norm_type = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type!r}") from None
     if norm_type == math.inf:
         return norm_type, 0
     if not 0 < norm_type < math.inf:  # (not math.isfinite: Dynamo cannot trace it with dynamic=True)
@@ -246,10 +264,7 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
     report is of the gradients times inv_scale, read as they are (no unscaling pass first).
     """
     norm_type, _ = _norm_kind(norm_type)
-    if max_norm is not None:
-        max_norm = float(max_norm)
-        if not max_norm >= 0:
-            raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+    max_norm = check_max_norm(max_norm)
     if not grads:
         zero = torch.zeros(())
         return GradNormReport(zero, torch.ones(()), zero, torch.zeros((), dtype=torch.int64)), lambda coef: None
