@@ -8,6 +8,7 @@ limit, 3G when it is over. Norm, coefficient and flag stay on the device.
 """
 
 import collections
+import contextlib
 import functools
 import math
 import threading
@@ -157,7 +158,8 @@ def device_norm(grads, max_norm, norm_type):
         zeros = torch.zeros(2, dtype=torch.int64, device=device)
         finite_norm = torch.zeros((), dtype=torch.float64, device=device)
         return torch_path.finish(finite_norm, zeros, max_norm, torch.float32), lambda coef: None
-    result = kernels.grad_norm(tables, max_norm, norm_type, _norm_kind(norm_type)[1])
+    with _launching(device):
+        result = kernels.grad_norm(tables, max_norm, norm_type, _norm_kind(norm_type)[1])
     return result, _triton_scaler(dense, strided, None if strided else tables)
 
 
@@ -185,11 +187,21 @@ def _triton_scaler(dense, strided, dense_tables=None):
         dense_tables = _tables(dense, (dense or strided)[0].device)
 
     def scale_(coef):
-        kernels.scale_(dense_tables, coef)
+        with _launching(coef.device):
+            kernels.scale_(dense_tables, coef)
         if strided:
             torch._foreach_mul_(strided, coef)
 
     return scale_
+
+
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launching(device):
+    """A lock held around launches through the Triton interpreter (CPU tensors), which keeps global state
+    while it runs a kernel and fails when two threads use it at once; compiled launches need none."""
+    return _INTERPRETER_LOCK if device.type == "cpu" else contextlib.nullcontext()
 
 
 _TABLES = collections.OrderedDict()  # the last _TABLES_KEPT gradient sets seen, least recently used first
