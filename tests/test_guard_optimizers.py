@@ -37,26 +37,28 @@ def variants(cls, fused=False, **kwargs):
     return out
 
 
-O = torch.optim
+optim = torch.optim
 OPTIMIZERS = dict(
-    variants(O.SGD, fused=True, lr=0.1) + variants(O.SGD, fused=True, lr=0.1, momentum=0.9)
-    + variants(O.SGD, fused=True, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
-    + variants(O.SGD, fused=True, lr=0.1, momentum=0.9, dampening=0.5)
-    + variants(O.Adam, fused=True, lr=1e-2) + variants(O.Adam, fused=True, lr=1e-2, amsgrad=True, weight_decay=0.1)
-    + variants(O.AdamW, fused=True, lr=1e-2) + variants(O.AdamW, fused=True, lr=1e-2, amsgrad=True, maximize=True)
-    + variants(O.Adagrad, fused=True, lr=0.1) + variants(O.Adadelta, lr=1.0) + variants(O.Adamax, lr=1e-2)
-    + variants(O.ASGD, lr=1e-2) + variants(O.NAdam, lr=1e-2) + variants(O.RAdam, lr=1e-2)
-    + variants(O.RMSprop, lr=1e-2) + variants(O.RMSprop, lr=1e-2, momentum=0.9, centered=True)
-    + variants(O.Rprop, lr=1e-2) + variants(O.Adafactor, lr=1e-2)
-    + [("Muon", lambda p: O.Muon(p, lr=1e-2))])
+    variants(optim.SGD, fused=True, lr=0.1) + variants(optim.SGD, fused=True, lr=0.1, momentum=0.9)
+    + variants(optim.SGD, fused=True, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    + variants(optim.SGD, fused=True, lr=0.1, momentum=0.9, dampening=0.5)
+    + variants(optim.Adam, fused=True, lr=1e-2)
+    + variants(optim.Adam, fused=True, lr=1e-2, amsgrad=True, weight_decay=0.1)
+    + variants(optim.AdamW, fused=True, lr=1e-2)
+    + variants(optim.AdamW, fused=True, lr=1e-2, amsgrad=True, maximize=True)
+    + variants(optim.Adagrad, fused=True, lr=0.1) + variants(optim.Adadelta, lr=1.0) + variants(optim.Adamax, lr=1e-2)
+    + variants(optim.ASGD, lr=1e-2) + variants(optim.NAdam, lr=1e-2) + variants(optim.RAdam, lr=1e-2)
+    + variants(optim.RMSprop, lr=1e-2) + variants(optim.RMSprop, lr=1e-2, momentum=0.9, centered=True)
+    + variants(optim.Rprop, lr=1e-2) + variants(optim.Adafactor, lr=1e-2)
+    + [("Muon", lambda p: optim.Muon(p, lr=1e-2))])
 NEEDS_2D = {"Muon"}  # Muon takes matrices only
 # through the interpreter a guarded step costs about 0.1 s: there, the fused variants (the ones whose skip
 # happens inside PyTorch's kernels) and one for-loop and one foreach optimizer; every variant on the default run
 INTERPRETED = os.environ.get("NANFUSE_BACKEND") == "interpret"
 CHECKED = [name for name in OPTIMIZERS if not INTERPRETED or name.endswith("fused")
            or name in ("Adam-lr=0.01-forloop", "SGD-lr=0.1-momentum=0.9-foreach")]
-LEFT_OUT = {O.SparseAdam: "sparse gradients: NanGuard refuses it at construction (test_guard.py)",
-            O.LBFGS: "steps with a closure: test_lbfgs_* below"}
+LEFT_OUT = {optim.SparseAdam: "sparse gradients: NanGuard refuses it at construction (test_guard.py)",
+            optim.LBFGS: "steps with a closure: test_lbfgs_* below"}
 
 
 def test_every_torch_optimizer_is_covered():
