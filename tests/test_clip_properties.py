@@ -67,7 +67,7 @@ def run(grads, max_norm, norm_type):
     return report, [p.grad for p in params]
 
 
-def check_against_reference(grads, max_norm, norm_type, report, clipped):
+def check_against_reference(grads, max_norm, norm_type, report, clipped, interpreted):
     ref = grad_norm_ref(grads, norm_type).item()
     dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     values = [g.double().flatten() for g in grads]
@@ -89,9 +89,13 @@ def check_against_reference(grads, max_norm, norm_type, report, clipped):
             assert torch.equal(old.nan_to_num(), new.nan_to_num()) and torch.equal(old.isnan(), new.isnan())
         else:
             expected = old.double() * coef
-            step = subnormal_step(old.dtype)
+            atol = 2 * subnormal_step(old.dtype)
+            if interpreted and old.dtype == torch.bfloat16:
+                # the Triton interpreter (triton 3.9, runtime/interpreter.py _convert_float) converts fp32
+                # subnormals to bf16 wrongly (1.0e-39 -> 5.9e-39); a GPU converts them in hardware
+                atol = torch.finfo(torch.float32).smallest_normal
             rtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2.5e-3}
-            torch.testing.assert_close(new.double(), expected, rtol=rtol[old.dtype], atol=2 * step)
+            torch.testing.assert_close(new.double(), expected, rtol=rtol[old.dtype], atol=atol)
 
 
 @settings(max_examples=60 if INTERPRETED else 150, deadline=None)
@@ -101,10 +105,10 @@ def test_clip_matches_the_float64_reference_on_every_input(grads, norm_type, rel
     ref = grad_norm_ref(grads, norm_type).item()
     max_norm = None if relation is None else (relation * ref if 0 < ref < 1e300 else 1.0)
     report, clipped = run(grads, max_norm, norm_type)
-    check_against_reference(grads, max_norm, norm_type, report, clipped)
+    check_against_reference(grads, max_norm, norm_type, report, clipped, INTERPRETED)
     if INTERPRETED:  # the kernels ran; the PyTorch path must decide the same
         with nanfuse.use_backend("torch"):
             torch_report, torch_clipped = run(grads, max_norm, norm_type)
-        check_against_reference(grads, max_norm, norm_type, torch_report, torch_clipped)
+        check_against_reference(grads, max_norm, norm_type, torch_report, torch_clipped, False)
         assert torch.equal(report.found_inf, torch_report.found_inf)
         assert (report.clip_coef == 1).item() == (torch_report.clip_coef == 1).item()
