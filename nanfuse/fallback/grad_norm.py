@@ -5,7 +5,8 @@ norm of |g| / max, which can neither overflow nor underflow over the whole finit
 included), kept in fp64; NaN/Inf counted. In eager mode on CPU (where reading a value is free) the
 per-tensor norms come first from one fused foreach pass (G bytes read), and only tensors whose direct
 norm may have overflowed, underflowed or met a NaN/Inf are read again, scaled; elsewhere (CUDA with
-NANFUSE_BACKEND=torch, or under torch.compile) every tensor takes the branch-free scaled path (2G).
+NANFUSE_BACKEND=torch, or under torch.compile) every tensor takes the branch-free scaled path: NaN and
+Inf counts, max, scaled norm, each one pass over it.
 """
 
 import math
