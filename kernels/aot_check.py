@@ -163,7 +163,7 @@ def shipped_launches(n_sms):
             for norm_type, kind in ((2.0, grad_norm.NORM_2), (1.0, grad_norm.NORM_1), (3.5, grad_norm.NORM_P),
                                     (float("inf"), grad_norm.NORM_INF)):
                 for max_norm in (1.0, None):
-                    planned, _, _ = grad_norm.plan_grad_norm(tables, max_norm, norm_type, kind)
+                    planned, *_ = grad_norm.plan_grad_norm(tables, max_norm, norm_type, kind)
                     launches += [(f"clip {name} p={norm_type}", launch) for launch in planned]
             launches += [(f"clip {name}", launch) for launch in
                          grad_norm.plan_scale(tables, torch.empty((), **meta))]

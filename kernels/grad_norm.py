@@ -5,10 +5,14 @@ Each dtype group of gradients is described by a device-side table (data pointers
 of each tensor, first tensor of each program). Per call, for G bytes of gradients:
 1. grad_norm_partials_kernel, one launch per dtype group: each program walks a fixed run of blocks
    and writes its partial (max |g|, sum (|g| / max)**p) over finite values and its NaN/Inf counts. One
-   read: G. Scaling by the running max (an online norm, like the online softmax) keeps 1e20-sized fp32
-   gradients from overflowing the sum of squares.
+   read: G. Scaling by the running max (an online norm, like the online softmax) keeps 1e38-sized
+   gradients from overflowing the sum of p-th powers and tiny ones from underflowing it. 1 / max itself
+   would overflow for a subnormal max, so |g| is first multiplied by a power of two (exact) that brings
+   the max into [2**-64, 2**64], then by the reciprocal of the max so scaled.
 2. grad_norm_finalize_kernel, one program: combines the partials in a fixed order (the norm is
-   bit-for-bit the same every run; no float atomics) into norm, clip coefficient and found-inf flag.
+   bit-for-bit the same every run; no float atomics) into the norm of the finite values (fp64: it may
+   exceed fp32's range when the gradients are near 1e38), the fp32 norm (saturated at fp32's largest
+   finite value), the clip coefficient (from the fp64 norm) and the found-inf flag.
 3. grad_scale_kernel, one launch per dtype group: reads the coefficient on the device and returns at
    once when it is 1 (no clipping needed, or non-finite gradients: the step will be skipped);
    otherwise one read and one write: 2G.
@@ -39,6 +43,15 @@ def _pow(y, norm_type, NORM_KIND: tl.constexpr):
         return y * y
     else:
         return tl.exp2(norm_type * tl.log2(y))
+
+
+@triton.jit
+def _normalizers(top):
+    """(power of two, reciprocal) whose product with any 0 <= y <= top is y / top in [0, 1] without overflow:
+    y * power is exact and top * power lies in [2**-64, 2**64], so its reciprocal is a normal fp32."""
+    power = tl.where(top < 5.421010862427522e-20, 1.8446744073709552e19,
+                     tl.where(top > 1.8446744073709552e19, 5.421010862427522e-20, 1.0))
+    return power, tl.where(top > 0.0, tl.div_rn(1.0, top * power), 0.0)  # once per block: correctly rounded
 
 
 @triton.jit
@@ -103,9 +116,9 @@ def grad_norm_partials_kernel(
         magnitude = tl.where(is_nan | is_inf, 0.0, magnitude)
         new_max = tl.maximum(running_max, tl.max(magnitude, 0))
         if NORM_KIND != 0:
-            inv_max = tl.where(new_max > 0.0, 1.0 / new_max, 0.0)
-            running_sum = (running_sum * _pow(running_max * inv_max, norm_type, NORM_KIND)
-                           + tl.sum(_pow(magnitude * inv_max, norm_type, NORM_KIND), 0))
+            power, inv_max = _normalizers(new_max)
+            running_sum = (running_sum * _pow(running_max * power * inv_max, norm_type, NORM_KIND)
+                           + tl.sum(_pow(magnitude * power * inv_max, norm_type, NORM_KIND), 0))
         running_max = new_max
         block += 1
     tl.store(partial_max_ptr + pid, running_max)
@@ -117,7 +130,8 @@ def grad_norm_partials_kernel(
 @triton.jit
 def grad_norm_finalize_kernel(
     partial_max_ptr, partial_sum_ptr, nan_count_ptr, inf_count_ptr,  # (n_partials,) from the partials kernel
-    result_ptr,  # fp32 (4,) out: total norm, clip coefficient, found-inf flag (0.0 or 1.0), norm of the finite values
+    result_ptr,  # fp32 (3,) out: total norm, clip coefficient, found-inf flag (0.0 or 1.0)
+    finite_norm_ptr,  # fp64 () out: norm of the finite values, unsaturated
     counts_ptr,  # int64 (2,) out: NaN count, Inf count
     n_partials, max_norm, norm_type,
     NORM_KIND: tl.constexpr, CLIP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -128,7 +142,7 @@ def grad_norm_finalize_kernel(
         idx = start + tl.arange(0, BLOCK_SIZE)
         overall_max = tl.maximum(overall_max, tl.max(tl.load(partial_max_ptr + idx, mask=idx < n_partials,
                                                              other=0.0), 0))
-    inv_max = tl.where(overall_max > 0.0, 1.0 / overall_max, 0.0)
+    power, inv_max = _normalizers(overall_max)
     total = tl.full([], 0.0, tl.float32)
     nan_count = tl.full([], 0, tl.int64)
     inf_count = tl.full([], 0, tl.int64)
@@ -137,27 +151,29 @@ def grad_norm_finalize_kernel(
         mask = idx < n_partials
         part_max = tl.load(partial_max_ptr + idx, mask=mask, other=0.0)
         part_sum = tl.load(partial_sum_ptr + idx, mask=mask, other=0.0)
-        total += tl.sum(part_sum * _pow(part_max * inv_max, norm_type, NORM_KIND), 0)
+        total += tl.sum(part_sum * _pow(part_max * power * inv_max, norm_type, NORM_KIND), 0)
         nan_count += tl.sum(tl.load(nan_count_ptr + idx, mask=mask, other=0).to(tl.int64), 0)
         inf_count += tl.sum(tl.load(inf_count_ptr + idx, mask=mask, other=0).to(tl.int64), 0)
     if NORM_KIND == 0:
-        finite_norm = overall_max
+        root = tl.full([], 1.0, tl.float32)
     elif NORM_KIND == 1:
-        finite_norm = overall_max * total
+        root = total
     elif NORM_KIND == 2:
-        finite_norm = overall_max * tl.sqrt(total)
+        root = tl.sqrt_rn(total)
     else:
-        finite_norm = overall_max * tl.exp2(tl.log2(total) / norm_type)
-    finite_norm = tl.where(overall_max > 0.0, finite_norm, 0.0)
-    norm = tl.where(nan_count > 0, float("nan"), tl.where(inf_count > 0, float("inf"), finite_norm))
+        root = tl.exp2(tl.log2(total) / norm_type)
+    # in fp64 the product is exact and cannot overflow: the norm of 1e38-sized values is above fp32's range
+    finite_norm = tl.where(overall_max > 0.0, overall_max.to(tl.float64) * root.to(tl.float64), 0.0)
+    saturated = tl.minimum(finite_norm, 3.4028234663852886e38).to(tl.float32)
+    norm = tl.where(nan_count > 0, float("nan"), tl.where(inf_count > 0, float("inf"), saturated))
     found_inf = tl.where(nan_count + inf_count > 0, 1.0, 0.0)
     coef = 1.0
     if CLIP:
-        coef = tl.where(found_inf == 0.0, tl.minimum(max_norm / (norm + 1e-6), 1.0), 1.0)
+        coef = tl.where(found_inf == 0.0, tl.minimum(max_norm / (finite_norm + 1e-6), 1.0).to(tl.float32), 1.0)
     tl.store(result_ptr, norm)
     tl.store(result_ptr + 1, coef)
     tl.store(result_ptr + 2, found_inf)
-    tl.store(result_ptr + 3, finite_norm)
+    tl.store(finite_norm_ptr, finite_norm)
     tl.store(counts_ptr, nan_count)
     tl.store(counts_ptr + 1, inf_count)
 
@@ -264,7 +280,7 @@ def partials_warps(kind):
 
 
 def plan_grad_norm(tables, max_norm, norm_type, kind):
-    """(launches, result fp32[4]: norm, coef, found_inf, finite norm; counts int64[2]: NaN, Inf)."""
+    """(launches, result fp32[3]: norm, coef, found_inf; fp64 norm of the finite values; counts int64[2]: NaN, Inf)."""
     device = tables[0].data_ptrs.device
     n_partials = sum(table.n_programs for table in tables)
     partials = torch.empty(2, n_partials, dtype=torch.float32, device=device)
@@ -277,14 +293,17 @@ def plan_grad_norm(tables, max_norm, norm_type, kind):
             inf_count_ptr=counts[1, span], norm_type=norm_type, NORM_KIND=kind, **_table_args(table)),
             partials_warps(kind)))
         offset += table.n_programs
-    result = torch.empty(4, dtype=torch.float32, device=device)
+    result = torch.empty(3, dtype=torch.float32, device=device)
+    finite_norm = torch.empty((), dtype=torch.float64, device=device)
     nonfinite = torch.empty(2, dtype=torch.int64, device=device)
     launches.append(Launch(grad_norm_finalize_kernel, (1,), dict(
         partial_max_ptr=partials[0], partial_sum_ptr=partials[1], nan_count_ptr=counts[0],
-        inf_count_ptr=counts[1], result_ptr=result, counts_ptr=nonfinite, n_partials=n_partials,
+        inf_count_ptr=counts[1], result_ptr=result, finite_norm_ptr=finite_norm, counts_ptr=nonfinite,
+        n_partials=n_partials,
         max_norm=0.0 if max_norm is None else max_norm, norm_type=norm_type, NORM_KIND=kind,
-        CLIP=max_norm is not None, BLOCK_SIZE=min(1024, max(16, triton.next_power_of_2(n_partials)))), 4))
-    return launches, result, nonfinite
+        CLIP=max_norm is not None, BLOCK_SIZE=min(1024, max(16, triton.next_power_of_2(n_partials)))),
+        8))  # at 4 warps the general-p finalize spills on sm_90 (kernels/aot_check.py)
+    return launches, result, finite_norm, nonfinite
 
 
 def plan_scale(tables, coef):
@@ -294,11 +313,11 @@ def plan_scale(tables, coef):
 
 
 def grad_norm(tables, max_norm, norm_type, kind):
-    """Run plan_grad_norm: (result fp32[4], counts int64[2]) on the device, nothing read back."""
-    launches, result, nonfinite = plan_grad_norm(tables, max_norm, norm_type, kind)
+    """Run plan_grad_norm: (result fp32[3], finite norm fp64, counts int64[2]) on the device, nothing read back."""
+    launches, *outputs = plan_grad_norm(tables, max_norm, norm_type, kind)
     for launch in launches:
         launch.run()
-    return result, nonfinite
+    return tuple(outputs)
 
 
 def scale_(tables, coef):

@@ -11,6 +11,7 @@ Differences from the eager path, all of memory, none of results: `inplace_backwa
 gradient gets its own buffer), and backward of mean/sum scales the saved gradient out of place.
 """
 
+import itertools
 import weakref
 
 import torch
@@ -136,15 +137,18 @@ softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 
 
 @torch.library.custom_op("nanfuse::grad_norm", mutates_args=())
-def grad_norm(grads: list[Tensor], max_norm: float | None, norm_type: float) -> tuple[Tensor, Tensor]:
-    """(result fp32[4]: norm, clip coefficient, found_inf, finite norm; counts int64[2]: NaN, Inf)."""
+def grad_norm(grads: list[Tensor], max_norm: float | None, norm_type: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(result [3]: norm, clip coefficient, found_inf (fp32, fp64 if any gradient is fp64); the norm of the
+    finite values, fp64; counts int64[2]: NaN, Inf)."""
     return clip.device_norm(grads, max_norm, norm_type)[0]
 
 
 @grad_norm.register_fake
 def _(grads, max_norm, norm_type):
     device = grads[0].device
-    return torch.empty(4, dtype=torch.float32, device=device), torch.empty(2, dtype=torch.int64, device=device)
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    return (torch.empty(3, dtype=dtype, device=device), torch.empty((), dtype=torch.float64, device=device),
+            torch.empty(2, dtype=torch.int64, device=device))
 
 
 @torch.library.custom_op("nanfuse::scale_grads_", mutates_args=("grads",))
@@ -159,12 +163,15 @@ def _(grads, factor):
 
 
 _OPTIMIZERS = weakref.WeakValueDictionary()
+_NEXT_KEY = itertools.count()
 
 
 def remember_optimizer(optimizer) -> int:
-    """The key fused_optimizer_step finds `optimizer` by (an op takes tensors and numbers, not objects)."""
-    _OPTIMIZERS[id(optimizer)] = optimizer
-    return id(optimizer)
+    """A new key fused_optimizer_step finds `optimizer` by (an op takes tensors and numbers, not objects).
+    Keys are never reused, so a copied or unpickled guard that registers its own optimizer steps that one."""
+    key = next(_NEXT_KEY)
+    _OPTIMIZERS[key] = optimizer
+    return key
 
 
 @torch.library.custom_op("nanfuse::fused_optimizer_step", mutates_args=())

@@ -8,8 +8,12 @@ limit, 3G when it is over. Norm, coefficient and flag stay on the device.
 """
 
 import collections
+import contextlib
 import functools
 import math
+import threading
+import types
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -26,14 +30,34 @@ from .fallback import grad_norm as torch_path
 
 class GradNormReport(NamedTuple):
     """What one norm-and-check pass found; every field is a 0-dim tensor on the gradients' device."""
-    total_norm: torch.Tensor  # fp32: the norm of all gradients; NaN if any is NaN, else Inf if any is Inf
-    clip_coef: torch.Tensor  # fp32: the factor the gradients were (or would be) scaled by; 1 if non-finite
+    total_norm: torch.Tensor  # fp32 (fp64 if any gradient is fp64): the norm of all gradients; NaN if any is
+    # NaN, else Inf if any is Inf; a finite norm beyond the dtype's range saturates at its largest finite value
+    clip_coef: torch.Tensor  # dtype of total_norm: the factor the gradients were (or would be) scaled by; 1 if
+    # non-finite
     found_inf: torch.Tensor  # fp32: exactly 1.0 if any gradient value is NaN or Inf, else 0.0
     nonfinite_count: torch.Tensor  # int64: how many gradient values are NaN or Inf
 
 
+def check_max_norm(max_norm):
+    """max_norm as a float (or None), or a ValueError naming it: a number >= 0 (inf: never clip)."""
+    if max_norm is None:
+        return None
+    if isinstance(max_norm, torch.Tensor) and max_norm.numel() != 1:
+        raise ValueError(f"max_norm must be a number >= 0 or None, got a tensor of shape {tuple(max_norm.shape)}")
+    try:
+        value = float(max_norm)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_norm must be a number >= 0 or None, got {max_norm!r}") from None
+    if not value >= 0:  # False for NaN too
+        raise ValueError(f"max_norm must be a number >= 0 or None, got {value}")
+    return value
+
+
 def _norm_kind(norm_type):
-    norm_type = float(norm_type)
+    try:
+        norm_type = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type!r}") from None
     if norm_type == math.inf:
         return norm_type, 0
     if not 0 < norm_type < math.inf:  # (not math.isfinite: Dynamo cannot trace it with dynamic=True)
@@ -41,17 +65,46 @@ def _norm_kind(norm_type):
     return norm_type, {1.0: 1, 2.0: 2}.get(norm_type, 3)
 
 
-def _as_list(tensors):
-    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+def _as_list(tensors, what):
+    """The tensors as a list; like PyTorch's clip, warns when they come from an empty generator."""
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    items = list(tensors)
+    if not items and isinstance(tensors, types.GeneratorType):
+        warnings.warn(f"`parameters` is an empty generator, {what}.", stacklevel=4)
+    return items
+
+
+def _is_parameter(tensor):
+    """True for an nn.Parameter or a leaf tensor that requires grad or holds a .grad: its .grad is the gradient.
+    Anything else (a plain tensor, a non-leaf such as autograd.grad(create_graph=True) gives) is a gradient."""
+    return isinstance(tensor, torch.nn.Parameter) or (tensor.is_leaf and (tensor.requires_grad
+                                                                          or tensor.grad is not None))
+
+
+def _memory_key(tensor):
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return id(tensor)
+    return tensor.device, tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride()
+
+
+def _unique(grads):
+    """The gradients with repeats of the same memory (same tensor twice, or an identical view) left out: each
+    is counted in the norm and scaled once."""
+    if DTensor is None or not any(isinstance(g, DTensor) for g in grads):
+        if len({g.data_ptr() for g in grads}) == len(grads):  # the common case, checked cheaply
+            return grads
+    return list({_memory_key(g): g for g in reversed(grads)}.values())[::-1]
 
 
 def _gradients(parameters, grads_of_parameters_only):
-    """Gradients to check: p.grad of parameters (None skipped); other tensors are taken as gradients."""
-    items = _as_list(parameters)
+    """Gradients to check: .grad of parameters (None skipped; see _is_parameter), other tensors themselves."""
+    items = _as_list(parameters, "no gradient clipping will occur" if grads_of_parameters_only
+                     else "there is nothing to check")
     for i, p in enumerate(items):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"parameters[{i}] must be a tensor, got {type(p).__name__}")
-    grads = [p.grad if (grads_of_parameters_only or p.requires_grad) else p for p in items]
+    grads = [p.grad if (grads_of_parameters_only or _is_parameter(p)) else p for p in items]
     # checked as sets first: per-tensor Python work adds up over thousands of small tensors
     if {g.layout for g in grads if g is not None} - {torch.strided}:
         i = next(i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided)
@@ -59,7 +112,7 @@ def _gradients(parameters, grads_of_parameters_only):
     if any(not dtype.is_floating_point for dtype in {g.dtype for g in grads if g is not None}):
         i = next(i for i, g in enumerate(grads) if g is not None and not g.is_floating_point())
         raise TypeError(f"parameters[{i}] has a gradient of dtype {grads[i].dtype}; it must be floating point")
-    return [g for g in grads if g is not None]
+    return _unique([g for g in grads if g is not None])
 
 
 def _reduce_spec(grad, process_group):
@@ -76,8 +129,9 @@ def _reduce_spec(grad, process_group):
 
 
 def _device_norm(grads, max_norm, norm_type):
-    """(result fp32[4], counts int64[2]) for gradients on one device, and a function that scales them all
-    by a 0-dim device factor in place; through the registered ops under torch.compile.
+    """((result [3]: norm, coef, flag; fp64 finite norm; counts int64[2]) for gradients on one device, and a
+    function that scales them all by a 0-dim device factor in place; through the registered ops under
+    torch.compile.
     """
     if _backend.through_registered_ops():
         from . import _ops
@@ -102,8 +156,10 @@ def device_norm(grads, max_norm, norm_type):
     tables = _tables(dense + copies, device)
     if not tables:
         zeros = torch.zeros(2, dtype=torch.int64, device=device)
-        return torch_path.finish(torch.zeros((), device=device), zeros, max_norm), lambda coef: None
-    result = kernels.grad_norm(tables, max_norm, norm_type, _norm_kind(norm_type)[1])
+        finite_norm = torch.zeros((), dtype=torch.float64, device=device)
+        return torch_path.finish(finite_norm, zeros, max_norm, torch.float32), lambda coef: None
+    with _launching(device):
+        result = kernels.grad_norm(tables, max_norm, norm_type, _norm_kind(norm_type)[1])
     return result, _triton_scaler(dense, strided, None if strided else tables)
 
 
@@ -131,34 +187,65 @@ def _triton_scaler(dense, strided, dense_tables=None):
         dense_tables = _tables(dense, (dense or strided)[0].device)
 
     def scale_(coef):
-        kernels.scale_(dense_tables, coef)
+        with _launching(coef.device):
+            kernels.scale_(dense_tables, coef)
         if strided:
             torch._foreach_mul_(strided, coef)
 
     return scale_
 
 
-_TABLES = collections.OrderedDict()
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launching(device):
+    """A lock held around launches through the Triton interpreter (CPU tensors), which keeps global state
+    while it runs a kernel and fails when two threads use it at once; compiled launches need none."""
+    return _INTERPRETER_LOCK if device.type == "cpu" else contextlib.nullcontext()
+
+
+_TABLES = collections.OrderedDict()  # the last _TABLES_KEPT gradient sets seen, least recently used first
 _TABLES_KEPT = 16
+_CAPTURED_TABLES = {}  # sets used while a CUDA graph was captured: a replay reads them, so they are never freed
+_TABLES_LOCK = threading.Lock()
+
+
+def _capturing(device):
+    """True while a CUDA graph is being captured on the current stream of `device`."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _tables(grads, device):
-    """Device-side pointer tables per dtype and alignment, cached while the same gradient tensors come back."""
-    key = (device, tuple((g.data_ptr(), g.numel(), g.dtype) for g in grads))
-    if key in _TABLES:
-        _TABLES.move_to_end(key)
-        return _TABLES[key]
-    from .kernels import grad_norm as kernels
+    """Device-side pointer tables per dtype and alignment, cached while the same gradient tensors come back.
 
-    tables = kernels.build_tables(grads, device) if grads else []
-    _TABLES[key] = tables
-    if len(_TABLES) > _TABLES_KEPT:
-        _TABLES.popitem(last=False)
+    A captured graph bakes in the tables' addresses (and the pinned buffer their upload reads), so tables
+    used during a capture move to _CAPTURED_TABLES and stay alive for the life of the process; the others
+    are kept least-recently-used. Thread-safe.
+    """
+    key = (device, tuple((g.data_ptr(), g.numel(), g.dtype) for g in grads))
+    capturing = _capturing(device)
+    with _TABLES_LOCK:
+        tables = _CAPTURED_TABLES.get(key, _TABLES.get(key))
+    if tables is None:
+        from .kernels import grad_norm as kernels
+
+        tables = kernels.build_tables(grads, device) if grads else []
+    with _TABLES_LOCK:
+        if key in _CAPTURED_TABLES:
+            return _CAPTURED_TABLES[key]
+        if capturing:
+            _TABLES.pop(key, None)
+            _CAPTURED_TABLES[key] = tables
+            return tables
+        tables = _TABLES.setdefault(key, tables)  # another thread may have built the same set meanwhile
+        _TABLES.move_to_end(key)
+        while len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
     return tables
 
 
 def _combine(parts, norm_type):
-    """Norm of finite values and counts over several (finite norm, counts) parts, on the first one's device."""
+    """fp64 norm of finite values and counts over several (finite norm, counts) parts, on the first one's device."""
     device = parts[0][0].device
     norms = torch.stack([norm.to(device, non_blocking=True) for norm, _ in parts])
     counts = torch.stack([c.to(device, non_blocking=True) for _, c in parts]).sum(0)
@@ -167,19 +254,19 @@ def _combine(parts, norm_type):
 
 def _all_reduce(finite_norm, counts, norm_type, groups):
     """Reduce a local norm and counts over process groups: MAX of the norm, then SUM of scaled p-th powers."""
-    top = finite_norm.clone()
+    top = finite_norm.double().clone()
     for group in groups:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     if norm_type == math.inf:
         packed = counts.to(torch.float64)
     else:
-        ratio = torch.where(top > 0, finite_norm / torch.where(top > 0, top, 1.0), 0.0)
+        ratio = torch.where(top > 0, finite_norm.double() / torch.where(top > 0, top, 1.0), 0.0)
         packed = torch.cat([(ratio.double() ** norm_type).reshape(1), counts.double()])
     for group in groups:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     if norm_type == math.inf:
         return top, packed.to(torch.int64)
-    return (top * packed[0] ** (1.0 / norm_type)).to(torch.float32), packed[1:].to(torch.int64)
+    return top * packed[0] ** (1.0 / norm_type), packed[1:].to(torch.int64)
 
 
 def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
@@ -189,13 +276,11 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
     report is of the gradients times inv_scale, read as they are (no unscaling pass first).
     """
     norm_type, _ = _norm_kind(norm_type)
-    if max_norm is not None:
-        max_norm = float(max_norm)
-        if not max_norm >= 0:
-            raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+    max_norm = check_max_norm(max_norm)
     if not grads:
         zero = torch.zeros(())
         return GradNormReport(zero, torch.ones(()), zero, torch.zeros((), dtype=torch.int64)), lambda coef: None
+    dtype = torch_path.norm_dtype(grads)
     # group by (reduction groups, device): each group's local result, reduced where sharded
     buckets = collections.defaultdict(list)
     devices = {g.device for g in grads}
@@ -208,18 +293,18 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
     parts, scalers = [], []
     device_max_norm = max_norm if inv_scale is None else None  # else the coefficient is formed after unscaling
     for (groups, device), local_grads in buckets.items():
-        (result, counts), scale_ = _device_norm(local_grads, device_max_norm, norm_type)
+        (result, finite_norm, counts), scale_ = _device_norm(local_grads, device_max_norm, norm_type)
         scalers.append((device, scale_))
-        parts.append((result[3], counts, groups, result))
+        parts.append((finite_norm, counts, groups, result))
     if len(parts) == 1 and not parts[0][2] and inv_scale is None:  # the finalize said it all
         result, counts = parts[0][3], parts[0][1]
     else:
         reduced = [(_all_reduce(n, c, norm_type, g) if g else (n, c)) for n, c, g, _ in parts]
         finite_norm, counts = _combine(reduced, norm_type)
         if inv_scale is not None:  # every norm is homogeneous: ||g * s|| = ||g|| * s
-            finite_norm = finite_norm * inv_scale.to(finite_norm.device, non_blocking=True)
-        result, counts = torch_path.finish(finite_norm, counts, max_norm)
-    report = GradNormReport(result[0], result[1], result[2], counts.sum())
+            finite_norm = finite_norm * inv_scale.to(finite_norm.device, non_blocking=True).double()
+        result, _, counts = torch_path.finish(finite_norm, counts, max_norm, dtype)
+    report = GradNormReport(result[0], result[1], result[2].float(), counts.sum())
 
     def scale_all(coef):
         for device, scale_ in scalers:

@@ -8,9 +8,13 @@ One guard.step(), with G the bytes of all gradients:
 2. the optimizer step, only if every gradient was finite:
    - PyTorch's fused optimizers (Adam, AdamW, SGD, Adagrad with fused=True) get the combined factor as
      `grad_scale` (they divide by it inside their own kernel) and the flag as `found_inf` (they skip
-     the update on the device): no scaling pass and no host sync at all;
+     the update on the device): no scaling pass and no host sync, except on a step that would create
+     optimizer state (the first): PyTorch creates it before it looks at found_inf (fused SGD's momentum
+     buffer from empty_like: garbage), so that step reads the flag once and is not taken at all if set;
    - any other optimizer: the gradients are scaled by (1 / scale) * clip coefficient in one pass (2G),
      then one host read of the flag decides the step, as scaler.step does;
+   - LBFGS (its step re-evaluates the closure): every evaluation is checked and clipped; a non-finite one
+     stops the step, and parameters and state are put back from a copy taken before it;
 3. with a GradScaler, its state is advanced exactly as unscale_/step/update would (same scale, same
    growth tracker); the skipped-step counter is advanced on the device.
 A skipped step leaves parameters and optimizer state bit-for-bit as they were.
@@ -18,18 +22,34 @@ Under torch.compile the norm, the scaling and the fused optimizer's step go thro
 ops (nanfuse/_ops.py), so guard.step() compiles with fullgraph=True.
 """
 
+import collections.abc
+import copy
+
 import torch
 from torch.amp.grad_scaler import OptState
 
 from . import _backend
-from .clip import GradNormReport, _gradients, norm_check_scale
+from .clip import GradNormReport, _gradients, _norm_kind, check_max_norm, norm_check_scale
 
 FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+SMALLEST_FACTOR = 2.0**-100  # a fused optimizer's grad_scale is 1 / factor, in fp32: it must stay finite
+
+
+def _creates_state(optimizer):
+    """True when optimizer.step() would create state for a parameter that has a gradient (its first step)."""
+    stateful = [group for group in optimizer.param_groups
+                if not (isinstance(optimizer, torch.optim.SGD) and group["momentum"] == 0)]  # SGD keeps none
+    if len(optimizer.state) >= sum(len(group["params"]) for group in stateful):
+        return False
+    return any(p.grad is not None and not optimizer.state.get(p) for group in stateful for p in group["params"])
 
 
 def fused_step(optimizer, grad_scale, found_inf):
     """optimizer.step() of a PyTorch fused optimizer: it divides the gradients by `grad_scale` inside its
-    kernel and skips the update on the device where `found_inf` is 1."""
+    kernel and skips the update on the device where `found_inf` is 1. A step that would create state reads
+    the flag once and is not taken when it is set (PyTorch creates the state before it reads found_inf)."""
+    if _creates_state(optimizer) and bool(found_inf):  # the first step only: one host read
+        return None
     optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
     try:
         return optimizer.step()
@@ -49,23 +69,45 @@ def _scaler_state(scaler, optimizer):
     return state
 
 
+class _NonFiniteEvaluation(Exception):
+    """Raised from inside LBFGS's step by a closure evaluation whose gradients are not all finite."""
+
+
 class NanGuard:
     """Wraps an optimizer: guard.step() clips and checks all gradients, then steps only if all are finite."""
 
     def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None, process_group=None):
-        if max_norm is not None and not float(max_norm) >= 0:
-            raise ValueError(f"max_norm must be >= 0 or None, got {max_norm}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise ValueError("optimizer: SparseAdam takes sparse gradients; nanfuse's clip needs dense ones")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        if scaler is not None and isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("scaler: a GradScaler does not support closures, which LBFGS needs")
         self.optimizer = optimizer
-        self.max_norm = max_norm
-        self.norm_type = norm_type
+        self.max_norm = check_max_norm(max_norm)
+        self.norm_type = _norm_kind(norm_type)[0]
         self.scaler = scaler
         self.process_group = process_group
         self.steps = 0
         self.skipped_steps = torch.zeros((), dtype=torch.int64)  # moved to the gradients' device on use
         self.last_report: GradNormReport | None = None
+        self._register()
+
+    def _register(self):
         from . import _ops
 
-        self._optimizer_key = _ops.remember_optimizer(optimizer)
+        self._optimizer_key = _ops.remember_optimizer(self.optimizer)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_optimizer_key"]  # a copy steps its own optimizer: it registers it under a key of its own
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._register()
 
     @property
     def last_norm(self):
@@ -76,22 +118,35 @@ class NanGuard:
         return isinstance(self.optimizer, FUSED_OPTIMIZERS) and all(
             group.get("fused") for group in self.optimizer.param_groups)
 
+    def _params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def step(self, closure=None):
-        """Clip, check and step (or skip); returns the GradNormReport of this step (device tensors)."""
+        """Clip, check and step (or skip); returns the GradNormReport of this step (device tensors).
+
+        With a closure it is evaluated first (under enable_grad) and its gradients checked; LBFGS, which
+        evaluates the closure itself, has every evaluation checked and clipped."""
+        if closure is not None and isinstance(self.optimizer, torch.optim.LBFGS):
+            return self._closure_step(closure)
         if closure is not None:
+            if self.scaler is not None and self.scaler.is_enabled():
+                raise RuntimeError("closure: a GradScaler does not support closures")
             with torch.enable_grad():
                 closure()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
         state = _scaler_state(scaler, self.optimizer) if scaler is not None else None
         inv_scale = None if scaler is None else scaler._scale.double().reciprocal().float()
-        report, scale_all = norm_check_scale(_gradients(params, True), self.max_norm, self.norm_type,
+        report, scale_all = norm_check_scale(_gradients(self._params(), True), self.max_norm, self.norm_type,
                                              self.process_group, inv_scale)
         found_inf = report.found_inf
         if self._fused():
-            # the optimizer divides by grad_scale: g / (scale / coef) = g * (1 / scale) * coef
-            grad_scale = 1.0 / report.clip_coef if inv_scale is None else 1.0 / (inv_scale * report.clip_coef)
-            self._fused_step(grad_scale, found_inf)
+            factor = report.clip_coef.double() if inv_scale is None else report.clip_coef.double() * inv_scale
+            if self.max_norm is not None:  # a factor below 2**-100 (norms near 1e38) is applied in a pass first
+                kept = factor.clamp(min=SMALLEST_FACTOR)
+                scale_all((factor / kept).float())  # exactly 1 otherwise: free on CPU and in the kernel
+                factor = kept
+            # the optimizer divides by grad_scale (fp32 for PyTorch's fused kernels): g * (1 / scale) * coef
+            self._fused_step((1.0 / factor).float(), found_inf)
             if state is not None:
                 state["found_inf_per_device"], state["stage"] = {found_inf.device: found_inf}, OptState.STEPPED
         else:
@@ -111,6 +166,42 @@ class NanGuard:
         self.last_report = report
         return report
 
+    def _closure_step(self, closure):
+        """LBFGS: step with a closure whose every evaluation is checked and clipped; a non-finite evaluation
+        stops the step and puts parameters and state back as they were (a copy of both is taken first)."""
+        params = self._params()
+        saved_params = [p.detach().clone() for p in params]
+        keys = list(self.optimizer.state.keys())
+        saved_state = copy.deepcopy([self.optimizer.state[k] for k in keys])
+        reports = []
+
+        def checked_closure():
+            with torch.enable_grad():
+                loss = closure()
+            report, scale_all = norm_check_scale(_gradients(params, True), self.max_norm, self.norm_type,
+                                                 self.process_group)
+            reports.append(report)
+            if bool(report.found_inf):  # LBFGS reads the loss on the host anyway
+                raise _NonFiniteEvaluation
+            if self.max_norm is not None:
+                scale_all(report.clip_coef)
+            return loss
+
+        try:
+            self.optimizer.step(checked_closure)
+            skipped = 0
+        except _NonFiniteEvaluation:
+            with torch.no_grad():
+                for p, saved in zip(params, saved_params):
+                    p.copy_(saved)
+            self.optimizer.state.clear()
+            self.optimizer.state.update(zip(keys, saved_state))
+            skipped = 1
+        self.skipped_steps = self.skipped_steps + skipped
+        self.steps += 1
+        self.last_report = reports[-1]
+        return self.last_report
+
     def _fused_step(self, grad_scale, found_inf):
         skipped = self.skipped_steps.to(found_inf.device)
         if _backend.through_registered_ops():
@@ -128,8 +219,32 @@ class NanGuard:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
-        return {"steps": self.steps, "skipped_steps": self.skipped_steps.clone()}
+        """The step count, the skipped-step counter and the last report (tensors, ints and None only, so
+        torch.load(weights_only=True) reads it back)."""
+        report = None if self.last_report is None else {k: v.clone() for k, v in self.last_report._asdict().items()}
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps.clone(), "last_report": report}
 
-    def load_state_dict(self, state):
-        self.steps = int(state["steps"])
-        self.skipped_steps = state["skipped_steps"].clone()
+    def load_state_dict(self, state_dict):
+        """Restore what state_dict() saved; a ValueError names what is missing or malformed."""
+        if not isinstance(state_dict, collections.abc.Mapping):
+            raise ValueError(f"state_dict must be a dict from NanGuard.state_dict(), got {type(state_dict).__name__}")
+        for key in ("steps", "skipped_steps"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r}: expected a dict from NanGuard.state_dict()")
+        steps, skipped = state_dict["steps"], state_dict["skipped_steps"]
+        if isinstance(steps, torch.Tensor):
+            steps = int(steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state_dict['steps'] must be an int >= 0, got {steps!r}")
+        if isinstance(skipped, bool) or not isinstance(skipped, (int, torch.Tensor)) or (
+                isinstance(skipped, torch.Tensor) and (skipped.numel() != 1 or skipped.is_floating_point())):
+            raise ValueError(f"state_dict['skipped_steps'] must be an int or a one-element integer tensor, "
+                             f"got {skipped!r}")
+        report = state_dict.get("last_report")
+        if report is not None:
+            if not isinstance(report, collections.abc.Mapping) or set(report) != set(GradNormReport._fields):
+                raise ValueError(f"state_dict['last_report'] must be None or a dict of {GradNormReport._fields}")
+            report = GradNormReport(**{k: torch.as_tensor(v).clone() for k, v in report.items()})
+        self.steps = steps
+        self.skipped_steps = torch.as_tensor(skipped).to(torch.int64).reshape(()).clone()
+        self.last_report = report

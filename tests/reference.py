@@ -53,6 +53,12 @@ def softmax_ref(x, dim=-1, log=False):
 
 
 def grad_norm_ref(grads, norm_type=2.0):
-    """The p-norm of all gradient values together, in float64 (NaN if any is NaN, else Inf if any is Inf)."""
+    """The p-norm of all gradient values together, in float64 (NaN if any is NaN, else Inf if any is Inf),
+    as max |g| * ||g / max|g| ||_p so that no p-th power overflows or underflows (p = 50, values near 1e38)."""
     values = torch.cat([g.detach().double().flatten().cpu() for g in grads]) if grads else torch.zeros(0).double()
-    return torch.linalg.vector_norm(values, norm_type)
+    if not values.numel():
+        return torch.zeros((), dtype=torch.float64)
+    top = values.abs().max()
+    if not 0 < top < float("inf"):  # all zero, or a NaN/Inf: the plain norm says so
+        return torch.linalg.vector_norm(values, norm_type)
+    return top * torch.linalg.vector_norm(values / top, norm_type)

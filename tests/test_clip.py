@@ -1,7 +1,11 @@
 """nanfuse.clip_grad_norm_ / grad_norm_check against the float64 oracle, on the run's backend."""
 
+import collections
 import math
 import os
+import threading
+import time
+import warnings
 
 import pytest
 import torch
@@ -181,3 +185,218 @@ def test_pointer_tables_are_cached(device):
     tables = list(clip._TABLES.values())[-1]
     nanfuse.grad_norm_check(params)
     assert len(clip._TABLES) == key_count and list(clip._TABLES.values())[-1] is tables
+
+
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def test_a_norm_beyond_fp32_range_saturates_and_still_clips_right(device):
+    # issue 11 item 1: one finite tensor whose norm (4e38) overflows fp32 gave norm NaN, found_inf 0 and NaN
+    # gradients on the PyTorch path (Inf and zeroed gradients through the kernels)
+    p = torch.nn.Parameter(torch.zeros(4, device=device))
+    p.grad = torch.full((4,), 2e38, device=device)
+    report = nanfuse.clip_and_check_([p], 1.0)
+    assert report.found_inf.item() == 0.0 and report.total_norm.item() == FP32_MAX
+    assert_close(report.clip_coef, torch.tensor(1 / 4e38, dtype=torch.float64), torch.float32, "coef")
+    assert_close(p.grad, torch.full((4,), 0.5, dtype=torch.float64), torch.float32, "clipped")
+    for fused in (False, True):  # a fused optimizer gets grad_scale = 1 / coef: 4e38 must not become Inf
+        q = torch.nn.Parameter(torch.zeros(4, device=device))
+        q.grad = torch.full((4,), 2e38, device=device)
+        guard = nanfuse.NanGuard(torch.optim.SGD([q], lr=1.0, fused=fused), max_norm=1.0)
+        guard.step()
+        assert_close(q.detach(), torch.full((4,), -0.5, dtype=torch.float64), torch.float32, f"fused={fused}")
+
+
+@pytest.mark.parametrize("layout", ["one tensor", "own tensor"])
+def test_a_subnormal_maximum_gives_the_right_norm(layout, device):
+    # issue 11 item 2: a program whose largest |g| is subnormal computed 1/max = inf: norm NaN, no clipping
+    tiny = torch.cat([torch.zeros(100), torch.tensor([1e-39])]).to(device)
+    big = torch.randn(5000, device=device)
+    grads = [torch.cat([big, tiny])] if layout == "one tensor" else [big, tiny]
+    ref = grad_norm_ref(grads)
+    report = nanfuse.grad_norm_check([g.clone() for g in grads], max_norm=1.0)
+    assert report.found_inf.item() == 0.0
+    assert_close(report.total_norm, ref, torch.float32, "norm")
+    assert_close(report.clip_coef, 1.0 / (ref + 1e-6), torch.float32, "coef")
+    only_subnormal = [torch.full((9,), 3e-42, device=device)]
+    assert_close(nanfuse.grad_norm_check(only_subnormal).total_norm, grad_norm_ref(only_subnormal), torch.float32)
+
+
+@pytest.mark.parametrize("values, norm_type, max_norm", [(1e-30, 2.0, 1.0), (0.1, 50.0, 0.01), (3e-42, 3.5, 1.0),
+                                                         (1e-20, 1.0, 1e-25)])
+def test_tiny_values_and_high_orders_do_not_underflow(values, norm_type, max_norm, device):
+    # issue 11 item 3: 1e-30 gave norm 0 on the PyTorch path; p=50 of 0.1 gave 0 there (no clip with
+    # max_norm 0.01) and 0.1148 through the kernels
+    grads = [torch.full((10,), values, device=device), torch.full((3,), -values / 2, device=device)]
+    ref = grad_norm_ref(grads, norm_type)
+    report = nanfuse.grad_norm_check(grads, max_norm, norm_type)
+    assert abs(report.total_norm.item() - ref.item()) <= 2e-5 * ref.item() + 2.0**-149, (report.total_norm, ref)
+    assert (report.clip_coef.item() < 1.0) == (max_norm < ref.item())
+
+
+def test_fp64_gradients_get_an_fp64_norm(device):
+    # issue 11 item 9: any fp64 gradient crashed ("should be convertible without narrowing")
+    model = torch.nn.Linear(30, 20).double().to(device)
+    model(torch.randn(8, 30, dtype=torch.float64, device=device)).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    ref = grad_norm_ref(grads)
+    total = nanfuse.clip_grad_norm_(model.parameters(), 0.5)
+    assert total.dtype == torch.float64  # as PyTorch's clip gives fp64 gradients
+    assert_close(total, ref, torch.float64, "fp64 norm")
+    for g, p in zip(grads, model.parameters()):
+        assert_close(p.grad, g * (0.5 / (ref + 1e-6)), torch.float64, "clipped fp64 gradient")
+    mixed = [torch.randn(1000, device=device), torch.randn(10, dtype=torch.float64, device=device)]
+    report = nanfuse.grad_norm_check(mixed, 1.0)
+    assert report.total_norm.dtype == torch.float64 and report.found_inf.dtype == torch.float32
+    assert_close(report.total_norm, grad_norm_ref(mixed), torch.float64, "mixed fp32 + fp64 norm")
+    guard = nanfuse.NanGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=0.5)
+    model(torch.randn(8, 30, dtype=torch.float64, device=device)).square().sum().backward()
+    guard.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_which_tensors_are_parameters_and_which_are_gradients(device):
+    # issue 11 item 5: frozen parameters counted their values as gradients; gradients from
+    # autograd.grad(create_graph=True) (which require grad) were taken as parameters without .grad (norm 0)
+    model = torch.nn.Linear(10, 5).to(device)
+    frozen = torch.nn.Linear(10, 5).to(device).requires_grad_(False)
+    x = torch.randn(4, 10, device=device)
+    (model(x) + frozen(x)).square().sum().backward()
+    ref = grad_norm_ref([p.grad for p in model.parameters()])
+    assert_close(nanfuse.grad_norm_check(list(model.parameters()) + list(frozen.parameters())).total_norm, ref)
+    w = torch.randn(10, device=device, requires_grad=True)
+    (grad,) = torch.autograd.grad((w**3).sum(), [w], create_graph=True)
+    assert grad.requires_grad and not grad.is_leaf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reading .grad of a non-leaf would warn
+        report = nanfuse.grad_norm_check([grad])
+    assert_close(report.total_norm, grad_norm_ref([grad]))
+    w.grad = torch.randn(10, device=device)  # a plain leaf that requires grad is a parameter: its .grad
+    assert_close(nanfuse.grad_norm_check([w]).total_norm, grad_norm_ref([w.grad]))
+    plain = torch.randn(7, device=device)  # a plain tensor is a gradient
+    assert_close(nanfuse.grad_norm_check([plain]).total_norm, grad_norm_ref([plain]))
+
+
+def test_the_same_gradient_twice_is_counted_and_scaled_once(device):
+    # issue 11 item 7: a tensor listed twice was scaled by c or c**2 depending on timing (kernels), and
+    # counted twice in the norm
+    params = make_params(device, sizes=(5000, 300), dtypes=(torch.float32,))
+    before = [g.clone() for g in grads_of(params)]
+    ref = grad_norm_ref(before)
+    total = nanfuse.clip_grad_norm_([params[0], params[1], params[0], params[0]], 0.5)
+    assert_close(total, ref, torch.float32, "norm")
+    for old, p in zip(before, params):
+        assert_close(p.grad, old.double() * (0.5 / (ref + 1e-6)), torch.float32, "clipped once")
+    g = torch.randn(300, device=device)
+    assert_close(nanfuse.grad_norm_check([g, g, g.view(300)]).total_norm, grad_norm_ref([g]))
+
+
+@pytest.fixture
+def fresh_tables(monkeypatch):
+    """An empty pointer-table cache for this test only (tables pinned by a pretended capture do not leak)."""
+    monkeypatch.setattr(clip, "_TABLES", type(clip._TABLES)())
+    monkeypatch.setattr(clip, "_CAPTURED_TABLES", {})
+    return monkeypatch
+
+
+def test_tables_used_in_a_graph_capture_are_never_evicted(fresh_tables):
+    # issue 11 item 8: the LRU freed a table (and its pinned upload buffer) that a captured CUDA graph had
+    # baked in. The capture itself needs a GPU (test below); here the cache's rules, on CPU tables
+    cpu = torch.device("cpu")
+    sets = [[torch.randn(10 + i), torch.randn(3)] for i in range(clip._TABLES_KEPT + 4)]
+    fresh_tables.setattr(clip, "_capturing", lambda device: True)
+    captured = clip._tables(sets[0], cpu)
+    fresh_tables.setattr(clip, "_capturing", lambda device: False)
+    first = [clip._tables(grads, cpu) for grads in sets[1:]]
+    assert len(clip._TABLES) == clip._TABLES_KEPT
+    assert clip._tables(sets[0], cpu) is captured  # never evicted, whatever came after
+    assert clip._tables(sets[-1], cpu) is first[-1]  # the most recent are kept...
+    assert clip._tables(sets[1], cpu) is not first[0]  # ...the least recently used were evicted and rebuilt
+    if nanfuse._backend.uses_triton(sets[0][0]):  # and the tables still give the right norm
+        for grads in (sets[0], sets[1]):
+            assert_close(nanfuse.grad_norm_check(grads).total_norm, grad_norm_ref(grads), torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="capturing a CUDA graph needs a GPU")
+def test_a_captured_clip_replays_after_the_cache_moved_on(fresh_tables):
+    params = make_params("cuda", sizes=(1000, 5000), dtypes=(torch.float32, torch.bfloat16))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        nanfuse.clip_grad_norm_(params, 0.5)  # warm-up: the kernels compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = nanfuse.clip_grad_norm_(params, 0.5)
+    for i in range(clip._TABLES_KEPT + 4):  # other gradient sets push everything else out of the cache
+        nanfuse.grad_norm_check([torch.randn(100 + i, device="cuda")])
+    for p in grads_of(params):
+        p.copy_(torch.randn_like(p))
+    before = [g.clone() for g in grads_of(params)]
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = grad_norm_ref(before)
+    assert_close(total, ref, torch.float32, "replayed norm")
+    for old, new in zip(before, grads_of(params)):
+        assert_close(new, old.double() * (0.5 / (ref + 1e-6)), new.dtype, "replayed clip")
+
+
+class SwitchingDict(collections.OrderedDict):
+    """The cache's dict, letting other threads run at each lookup: the races a busy host thread meets."""
+
+    def __contains__(self, key):
+        time.sleep(0)
+        return super().__contains__(key)
+
+    def get(self, key, default=None):
+        time.sleep(0)
+        return super().get(key, default)
+
+    def move_to_end(self, key, last=True):
+        time.sleep(0)
+        return super().move_to_end(key, last)
+
+
+def test_the_table_cache_is_thread_safe(fresh_tables):
+    # issue 11 item 10: three threads calling the clip gave KeyErrors (move_to_end after another evicted)
+    fresh_tables.setattr(clip, "_TABLES", SwitchingDict())
+    cpu = torch.device("cpu")
+    errors = []
+
+    def churn(offset):
+        try:
+            sets = [[torch.randn(1 + offset * 100 + i)] for i in range(6)]  # 3 x 6 sets: hits and evictions
+            for _ in range(30):
+                for grads in sets:
+                    clip._tables(grads, cpu)
+        except Exception as error:  # collected: an exception in a thread does not fail the test by itself
+            errors.append(error)
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(clip._TABLES) <= clip._TABLES_KEPT
+
+
+def test_empty_generator_warns_like_pytorch():
+    # issue 11 item 14: PyTorch's clip warns for an empty or exhausted generator (its test asserts it)
+    with pytest.warns(UserWarning, match="`parameters` is an empty generator, no gradient clipping will occur"):
+        assert nanfuse.clip_grad_norm_((p for p in []), 1.0).item() == 0.0
+    with pytest.warns(UserWarning, match="empty generator"):
+        nanfuse.grad_norm_check(p for p in [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nanfuse.clip_grad_norm_([], 1.0)  # an empty list is not a generator: no warning, as in PyTorch
+
+
+@pytest.mark.parametrize("kwargs, name", [({"norm_type": 0.0}, "norm_type"), ({"norm_type": -1.0}, "norm_type"),
+                                          ({"max_norm": -0.5}, "max_norm"), ({"max_norm": "big"}, "max_norm")])
+def test_norms_pytorch_accepts_but_that_are_not_norms_are_refused(kwargs, name):
+    # README deviation: PyTorch accepts norm_type <= 0 (0 counts nonzeros, < 0 is no norm) and max_norm < 0
+    # (it flips every gradient's sign); nanfuse raises ValueError naming the argument
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    with pytest.raises(ValueError, match=name):
+        nanfuse.clip_grad_norm_([p], **{"max_norm": 1.0, **kwargs})

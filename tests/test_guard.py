@@ -1,6 +1,10 @@
 """NanGuard: a NaN step is skipped with parameters and optimizer state bit-for-bit unchanged."""
 
 import copy
+import gc
+import io
+import pickle
+import threading
 
 import pytest
 import torch
@@ -206,13 +210,152 @@ def test_fused_optimizer_step_reads_nothing_back(monkeypatch):
     monkeypatch.setattr(torch_grad_norm, "may_read_values", lambda tensor: False)
     model = make_model()
     guard = nanfuse.NanGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1.0)
-    for step in range(2):
+    for step in range(3):
         x, y = batch(step)
         nanfuse.cross_entropy(model(x), y).backward()
-        if step == 1:
+        if step == 2:
             model[0].weight.grad[0, 0] = float("nan")
         with HostReads() as trace:
             guard.step()
-        assert trace.reads == []
+        # the first step creates the optimizer's state: it reads the flag once (PyTorch would create the
+        # state even for a skipped step); every later step reads nothing
+        assert len(trace.reads) == (1 if step == 0 else 0), (step, trace.reads)
         guard.zero_grad()
     assert guard.skipped_steps.item() == 1
+
+
+def fused_guard(max_norm=1.0):
+    model = make_model()
+    return model, nanfuse.NanGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=max_norm)
+
+
+def params_of(guard):
+    return [p for group in guard.optimizer.param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_guard_steps_its_own_optimizer(how):
+    # issue 11 item 6: a copy kept the original's optimizer key, so under torch.compile it stepped the
+    # original's optimizer, and failed with KeyError once the original was collected
+    model, guard = fused_guard()
+    copied = copy.deepcopy(guard) if how == "deepcopy" else pickle.loads(pickle.dumps(guard))
+    original_before = [p.detach().clone() for p in params_of(guard)]
+    del guard
+    gc.collect()
+    for p in params_of(copied):
+        p.grad = torch.randn_like(p)
+    copy_before = [p.detach().clone() for p in params_of(copied)]
+    with nanfuse._backend.registered_ops():  # the path torch.compile(guard.step) takes
+        copied.step()
+    assert all(not torch.equal(a, p) for a, p in zip(copy_before, params_of(copied)))
+    assert all(torch.equal(a, p) for a, p in zip(original_before, model.parameters()))
+
+
+def test_guards_in_threads_train_as_alone():
+    # issue 11 item 10: two threads, each with its own model and guard, on the run's backend
+    start = make_model()
+
+    def train(results, key):
+        model = copy.deepcopy(start)  # the global RNG is no place for threads: every run starts from one model
+        guard = nanfuse.NanGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1.0)
+        for step in range(4):
+            x, y = batch(step)
+            # F.cross_entropy: the Triton interpreter runs one kernel at a time, and only the clip's launches
+            # hold the lock that serializes them (compiled kernels need none)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if step == 1:
+                model[0].weight.grad[0, 0] = float("nan")
+            guard.step()
+            guard.zero_grad()
+        results[key] = ([p.detach().clone() for p in model.parameters()], guard.skipped_steps.item())
+
+    alone, together = {}, {}
+    train(alone, 0)
+    threads = [threading.Thread(target=train, args=(together, k)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for key in (0, 1):
+        assert together[key][1] == alone[0][1] == 1
+        assert all(torch.equal(a, b) for a, b in zip(together[key][0], alone[0][0]))
+
+
+def test_guard_state_round_trips_through_torch_save():
+    # issue 11 item 12: the README says state_dict() saves last_norm; it did not
+    model, guard = fused_guard()
+    for step in range(3):
+        x, y = batch(step)
+        nanfuse.cross_entropy(model(x), y).backward()
+        if step == 2:
+            model[0].bias.grad[0] = float("inf")
+        guard.step()
+        guard.zero_grad()
+    buffer = io.BytesIO()
+    torch.save(guard.state_dict(), buffer)
+    buffer.seek(0)
+    _, restored = fused_guard()
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.steps == 3 and restored.skipped_steps.item() == 1
+    assert torch.equal(restored.last_norm, guard.last_norm) and restored.last_norm.item() == float("inf")
+    for ours, theirs in zip(restored.last_report, guard.last_report):
+        assert torch.equal(ours, theirs)
+
+
+def test_guarded_optimizer_copies_pickles_and_saves_the_guard():
+    # issue 11 item 12: GuardedOptimizer failed deepcopy and pickle (AttributeError: optimizer), and its
+    # state_dict() dropped the skipped-step counter
+    from nanfuse.integrations.transformers import GuardedOptimizer
+
+    model = make_model()
+    optimizer = GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1.0)
+    for step in range(3):
+        x, y = batch(step)
+        nanfuse.cross_entropy(model(x), y).backward()
+        if step == 1:
+            model[0].bias.grad[0] = float("nan")
+        optimizer.step()
+        optimizer.zero_grad()
+    for copied in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        assert copied.guard.optimizer is copied.optimizer and copied.optimizer is not optimizer.optimizer
+        assert copied.skipped_steps.item() == 1 and copied.guard.steps == 3
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh_model = make_model()
+    restored = GuardedOptimizer(torch.optim.AdamW(fresh_model.parameters(), lr=1e-2, fused=True), max_norm=1.0)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.skipped_steps.item() == 1 and restored.guard.steps == 3
+    assert torch.equal(restored.guard.last_norm, optimizer.guard.last_norm)
+    saved, loaded = optimizer.optimizer.state_dict()["state"], restored.optimizer.state_dict()["state"]
+    assert all(torch.equal(saved[k][f], loaded[k][f]) for k in saved for f in saved[k])
+    restored.load_state_dict(optimizer.optimizer.state_dict())  # a plain optimizer's state dict loads too
+
+
+@pytest.mark.parametrize("make, error, name", [
+    (lambda p: nanfuse.NanGuard([p]), TypeError, "optimizer"),
+    (lambda p: nanfuse.NanGuard(torch.optim.SGD([p], lr=0.1), norm_type=-1), ValueError, "norm_type"),
+    (lambda p: nanfuse.NanGuard(torch.optim.SGD([p], lr=0.1), norm_type="l2"), ValueError, "norm_type"),
+    (lambda p: nanfuse.NanGuard(torch.optim.SGD([p], lr=0.1), max_norm=float("nan")), ValueError, "max_norm"),
+    (lambda p: nanfuse.NanGuard(torch.optim.SGD([p], lr=0.1), scaler=object()), TypeError, "scaler"),
+    (lambda p: nanfuse.NanGuard(torch.optim.SparseAdam([p])), ValueError, "optimizer"),
+    (lambda p: nanfuse.NanGuard(torch.optim.LBFGS([p]), scaler=torch.amp.GradScaler("cpu")), ValueError, "scaler"),
+])
+def test_bad_arguments_fail_at_construction_naming_them(make, error, name):
+    # issue 11 item 13: NanGuard([tensor]) said "cannot create weak reference to 'list' object";
+    # norm_type=-1 was accepted and failed at step()
+    with pytest.raises(error, match=name):
+        make(torch.nn.Parameter(torch.randn(3)))
+
+
+@pytest.mark.parametrize("state, name", [({"skipped_steps": 1}, "steps"), ({"steps": 2}, "skipped_steps"),
+                                         ({"steps": -1, "skipped_steps": 0}, "steps"),
+                                         ({"steps": 1, "skipped_steps": 0.5}, "skipped_steps"),
+                                         ([1, 2], "state_dict")])
+def test_bad_state_dicts_fail_naming_the_key(state, name):
+    # issue 11 item 13: load_state_dict({"skipped_steps": 1}) raised AttributeError: 'int' object has no 'clone'
+    _, guard = fused_guard()
+    with pytest.raises(ValueError, match=name):
+        guard.load_state_dict(state)
+    guard.load_state_dict({"steps": 4, "skipped_steps": 2})  # ints are fine; last_report optional
+    assert guard.steps == 4 and guard.skipped_steps.item() == 2 and guard.last_norm is None

@@ -52,18 +52,27 @@ def use_nanfuse_loss(model):
 class GuardedOptimizer(torch.optim.Optimizer):
     """An optimizer whose step() is NanGuard(optimizer, max_norm, norm_type, scaler=scaler).step(): clip,
     check and step, skipping a step with a NaN or Inf gradient (see nanfuse.NanGuard). Everything else
-    (param_groups, state, state_dict, zero_grad, LR schedulers) is the wrapped optimizer's own.
+    (param_groups, state, zero_grad, LR schedulers) is the wrapped optimizer's own; state_dict() is the
+    wrapped optimizer's with the guard's (step count, skipped steps, last report) under "nanfuse_guard".
     """
+
+    GUARD_KEY = "nanfuse_guard"
 
     def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None):
         # Optimizer.__init__ is not called on purpose: the groups and state are the wrapped optimizer's
+        self.guard = NanGuard(optimizer, max_norm, norm_type, scaler=scaler)  # checks the arguments
         self.optimizer = optimizer
-        self.guard = NanGuard(optimizer, max_norm, norm_type, scaler=scaler)
 
     def __getattr__(self, name):  # anything not defined here: the wrapped optimizer's
-        if name == "optimizer":
+        if name in ("optimizer", "guard") or name.startswith("__"):  # not set yet (unpickling, copying)
             raise AttributeError(name)
         return getattr(self.optimizer, name)
+
+    def __getstate__(self):  # Optimizer's would save defaults/state/param_groups: here they are the wrapped one's
+        return self.__dict__.copy()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
 
     @property
     def param_groups(self):
@@ -93,10 +102,15 @@ class GuardedOptimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def state_dict(self):
-        return self.optimizer.state_dict()
+        return {**self.optimizer.state_dict(), self.GUARD_KEY: self.guard.state_dict()}
 
     def load_state_dict(self, state_dict):
+        """Restore the wrapped optimizer and, when saved with it, the guard (a plain optimizer's dict loads too)."""
+        state_dict = dict(state_dict)
+        guard_state = state_dict.pop(self.GUARD_KEY, None)
         self.optimizer.load_state_dict(state_dict)
+        if guard_state is not None:
+            self.guard.load_state_dict(guard_state)
 
     def __repr__(self):
         return f"GuardedOptimizer(max_norm={self.guard.max_norm}, {self.optimizer!r})"
