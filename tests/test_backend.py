@@ -32,6 +32,8 @@ def test_use_backend_overrides_and_restores():
     with nanfuse.use_backend("torch"):
         assert nanfuse.current_backend() == "torch"
         assert not _backend.uses_triton(torch.ones(1))
+    with nanfuse.use_backend("triton"):  # the kernels for CUDA tensors only
+        assert not _backend.uses_triton(torch.ones(1))
     assert nanfuse.current_backend() == before
     with pytest.raises(ValueError, match="backend"):
         with nanfuse.use_backend("cuda-please"):

@@ -222,8 +222,23 @@ def test_torch_func_grad_vmap_jvp(log):
     out_ref, jvp_ref = torch.func.jvp(theirs, (x,), (tangent,))
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(jvp_out, jvp_ref)
+    cotangent = torch.randn_like(x)
+    torch.testing.assert_close(torch.func.vjp(ours, x)[1](cotangent), torch.func.vjp(theirs, x)[1](cotangent))
     row = x[0, 0]
     torch.testing.assert_close(torch.func.jacrev(ours)(row), torch.func.jacrev(theirs)(row))
     torch.testing.assert_close(torch.func.jacfwd(ours)(row), torch.func.jacfwd(theirs)(row))
     torch.testing.assert_close(torch.func.hessian(lambda t: ours(t)[1])(row),
                                torch.func.hessian(lambda t: theirs(t)[1])(row))
+
+
+def test_backward_takes_the_path_its_forward_took(monkeypatch):
+    # on CUDA autograd runs backward on its own thread, outside the caller's use_backend block
+    from nanfuse.fallback import softmax as fallback
+
+    calls, original = [], fallback.softmax_backward
+    monkeypatch.setattr(fallback, "softmax_backward", lambda *args: calls.append(1) or original(*args))
+    x = torch.randn(3, 5, requires_grad=True)
+    with nanfuse.use_backend("torch"):
+        y = nanfuse.softmax(x)
+    y.backward(torch.randn_like(y))
+    assert calls == [1]
