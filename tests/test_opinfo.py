@@ -29,7 +29,7 @@ CROSS_ENTROPY_LOSS = next(m for m in module_db if m.module_cls is torch.nn.Cross
 # The Triton interpreter runs one program per row, one after another (~20 ms each): under it the ModuleInfo
 # samples of more than MAX_INTERPRETED_ROWS rows are left to the PyTorch path. The kernels see every input
 # flattened to (rows, classes), so more rows exercise nothing new; the smaller samples cover every option.
-MAX_INTERPRETED_ROWS = 10
+MAX_INTERPRETED_ROWS = 5
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 

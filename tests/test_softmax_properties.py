@@ -53,7 +53,7 @@ def _input(shape, dim, dtype, scale, special, seed):
     return x
 
 
-@settings(max_examples=60 if not INTERPRETING else 40, deadline=None)
+@settings(max_examples=60 if not INTERPRETING else 25, deadline=None)
 @given(cases())
 def test_softmax_matches_the_oracle_and_the_other_path(case):
     shape, dim, in_dtype, out_dtype, scale, special, log, seed = case
@@ -77,7 +77,7 @@ def test_softmax_matches_the_oracle_and_the_other_path(case):
             assert_close(y, op(x, dim=dim, dtype=out_dtype).double(), result_dtype, "interpreter against torch path")
 
 
-@settings(max_examples=30 if not INTERPRETING else 20, deadline=None)
+@settings(max_examples=30 if not INTERPRETING else 10, deadline=None)
 @given(cases())
 def test_softmax_gradient_matches_the_oracle(case):
     shape, dim, in_dtype, out_dtype, scale, special, log, seed = case
