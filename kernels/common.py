@@ -1,9 +1,15 @@
 """Small @triton.jit helpers shared by the kernels, and the launch heuristics they share."""
 
+import threading
 from typing import NamedTuple
 
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# The Triton interpreter patches triton.language's module globals while a kernel runs, so two threads
+# interpreting kernels at once corrupt each other's results: interpreted launches take turns.
+_INTERPRETER_LOCK = threading.Lock()
 
 
 @triton.jit
@@ -33,4 +39,8 @@ class Launch(NamedTuple):
     num_warps: int
 
     def run(self):
-        self.kernel[self.grid](**self.args, num_warps=self.num_warps)
+        if isinstance(self.kernel, InterpretedFunction):
+            with _INTERPRETER_LOCK:
+                self.kernel[self.grid](**self.args, num_warps=self.num_warps)
+        else:
+            self.kernel[self.grid](**self.args, num_warps=self.num_warps)

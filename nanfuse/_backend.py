@@ -6,10 +6,13 @@
 - "interpret": the Triton kernels for every tensor, CPU tensors through the Triton interpreter.
   TRITON_INTERPRET=1 is set here, when nanfuse is imported, before any kernel module is.
 float64 always takes the PyTorch path (in float64), so torch.autograd.gradcheck works.
+use_backend() and registered_ops() hold per thread.
 """
 
 import contextlib
 import os
+import sys
+import threading
 
 import torch
 
@@ -18,31 +21,56 @@ BACKENDS = ("auto", "torch", "triton", "interpret")
 _env_backend = os.environ.get("NANFUSE_BACKEND", "auto").strip().lower() or "auto"
 if _env_backend not in BACKENDS:
     raise ValueError(f"NANFUSE_BACKEND must be one of {BACKENDS}, got {_env_backend!r}")
+
+
+def _interpret_loaded_triton_language():
+    """Make triton.language's own @triton.jit helpers (tl.max, tl.sum, ...) interpretable when triton was
+    imported before nanfuse set TRITON_INTERPRET=1 (torch's testing utilities import it): @triton.jit reads
+    the variable when it decorates, so those helpers were built as compiled JITFunctions, which raise
+    "Cannot call @triton.jit'd outside of the scope of a kernel" inside an interpreted kernel. Each is
+    replaced by the InterpretedFunction a fresh import would have made; nanfuse's kernels are decorated later.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    language = sys.modules["triton.language"]
+    modules = [module for name, module in list(sys.modules.items())
+               if module is not None and name.startswith("triton.language.")]
+    interpreted = {}
+    for owner in [language, language.tensor, *modules]:
+        for name, value in list(vars(owner).items()):
+            if isinstance(value, JITFunction):
+                if value.fn not in interpreted:
+                    interpreted[value.fn] = InterpretedFunction(value.fn)
+                setattr(owner, name, interpreted[value.fn])
+
+
 if _env_backend == "interpret":
     os.environ["TRITON_INTERPRET"] = "1"
+    if "triton.language" in sys.modules:
+        _interpret_loaded_triton_language()
 
-_override: str | None = None
-_ops_in_eager = False
+_thread_state = threading.local()  # .override: the innermost use_backend; .ops_in_eager: registered_ops()
 
 
 def current_backend() -> str:
-    """The backend in force: the innermost use_backend(...) if any, else NANFUSE_BACKEND."""
-    return _override or _env_backend
+    """The backend in force in this thread: the innermost use_backend(...) if any, else NANFUSE_BACKEND."""
+    return getattr(_thread_state, "override", None) or _env_backend
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops in this block on one backend ("auto", "torch", "triton"; "interpret" needs the env var)."""
-    global _override
+    """Run the ops this thread calls in this block on one backend ("auto", "torch", "triton"; "interpret"
+    needs the env var). Other threads keep theirs; a backward keeps the choice its forward made."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the interpreter must be chosen before import: set NANFUSE_BACKEND=interpret")
-    previous, _override = _override, name
+    previous, _thread_state.override = getattr(_thread_state, "override", None), name
     try:
         yield
     finally:
-        _override = previous
+        _thread_state.override = previous
 
 
 @contextlib.contextmanager
@@ -77,24 +105,24 @@ def through_registered_ops() -> bool:
     in eager mode only inside registered_ops(). Eager calls otherwise take the autograd Functions
     directly, which skips the dispatcher's per-call cost (measured by `nanfuse bench --only overhead`).
     """
-    return _ops_in_eager or torch.compiler.is_compiling()
+    return getattr(_thread_state, "ops_in_eager", False) or torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager
 def registered_ops(enabled: bool = True):
-    """Route eager calls through the registered ops too (what torch.compile sees): for tests and benchmarks."""
-    global _ops_in_eager
-    previous, _ops_in_eager = _ops_in_eager, enabled
+    """Route this thread's eager calls through the registered ops too (what torch.compile sees): for tests
+    and benchmarks."""
+    previous, _thread_state.ops_in_eager = getattr(_thread_state, "ops_in_eager", False), enabled
     try:
         yield
     finally:
-        _ops_in_eager = previous
+        _thread_state.ops_in_eager = previous
 
 
 def no_autocast(tensor: torch.Tensor):
     """A context that turns autocast off on the tensor's device, so the kernels and their PyTorch twins take
     half-precision inputs as they are (autocast would upcast some ops' inputs to an fp32 copy)."""
     device_type = tensor.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

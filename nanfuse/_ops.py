@@ -19,6 +19,8 @@ from torch import Tensor
 
 from . import clip
 from .cross_entropy import CrossEntropyOptions, _implementation, forward_pass, rows_backward
+from .softmax import differentiable_rows_backward as softmax_differentiable_rows_backward
+from .softmax import needs_differentiable_backward as softmax_needs_differentiable_backward
 from .softmax import rows_backward as softmax_rows_backward
 from .softmax import rows_forward as softmax_rows_forward
 
@@ -117,7 +119,7 @@ def softmax_backward(y: Tensor, dy: Tensor, log: bool) -> Tensor:
 
 @softmax_backward.register_fake
 def _(y, dy, log):
-    return torch.empty_like(y)
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def _softmax_setup(ctx, inputs, output):
@@ -127,6 +129,8 @@ def _softmax_setup(ctx, inputs, output):
 
 def _softmax_backward(ctx, dy):
     (y,) = ctx.saved_tensors
+    if softmax_needs_differentiable_backward(y, dy):  # create_graph=True: PyTorch ops autograd can see through
+        return softmax_differentiable_rows_backward(y, dy, ctx.log), None
     return softmax_backward(y, dy, ctx.log), None
 
 

@@ -2,7 +2,11 @@
 
 A row whose entries are all -inf (a fully masked attention row) gives softmax 0 with gradient 0
 and log_softmax -inf with gradient equal to the upstream one, where PyTorch gives NaN.
+Forward and first-order backward run the kernels (or the chunked PyTorch path); a backward that must
+itself be differentiated (create_graph=True, torch.func transforms) runs the same formula in PyTorch ops.
 """
+
+import math
 
 import torch
 
@@ -10,8 +14,12 @@ from . import _backend
 from ._checks import check_logits
 
 
-def _implementation(x):
-    if _backend.uses_triton(x):
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """An input dtype softmax does not take: a TypeError, and the NotImplementedError PyTorch raises."""
+
+
+def _implementation(use_triton):
+    if use_triton:
         from .kernels import softmax
     else:
         from .fallback import softmax
@@ -21,35 +29,90 @@ def _implementation(x):
 def rows_forward(x, log):
     """(log-)softmax of each row of a 2-D tensor with contiguous rows, into a new tensor of x's dtype."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    with _backend.no_autocast(x):
-        _implementation(x).softmax_forward(x, y, log)
+    if y.numel() and x.device.type != "meta":  # a meta tensor has no values to compute
+        with _backend.no_autocast(x):
+            _implementation(_backend.uses_triton(x)).softmax_forward(x, y, log)
     return y
 
 
-def rows_backward(y, dy, log):
-    """Input gradient of rows_forward from its output y and the upstream gradient dy."""
+def rows_backward(y, dy, log, use_triton=None):
+    """Input gradient of rows_forward from its output y and the upstream gradient dy, by the kernels (or
+    the chunked PyTorch path; `use_triton` as forward chose, default the backend's choice for y)."""
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    dx = torch.empty_like(y)
-    with _backend.no_autocast(y):
-        _implementation(y).softmax_backward(y, dy, dx, log)
+    dx = torch.empty_like(y, memory_format=torch.contiguous_format)
+    if dx.numel() and y.device.type != "meta":
+        use_triton = _backend.uses_triton(y) if use_triton is None else use_triton
+        with _backend.no_autocast(y):
+            _implementation(use_triton).softmax_backward(y, dy, dx, log)
     return dx
 
 
+def differentiable_rows_backward(y, dy, log):
+    """rows_backward's formula in PyTorch ops (fp32 math, y's dtype), so autograd and torch.func can
+    differentiate and batch it: softmax dx = y (dy - sum(dy y)); log_softmax dx = dy - exp(y) sum(dy)."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    out, up = y.to(acc), dy.to(acc)
+    if log:
+        dx = up - out.exp() * up.sum(-1, keepdim=True)
+    else:
+        dx = out * (up - (up * out).sum(-1, keepdim=True))
+    return dx.to(y.dtype)
+
+
+def needs_differentiable_backward(*tensors):
+    """True when backward must build a graph (create_graph=True) or runs under a torch.func transform:
+    the kernels write into plain tensors, which neither autograd nor functorch can see through."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _tangent(y, dx, log):
+    """Forward-mode derivative of rows_forward at output y along input tangent dx (PyTorch ops, fp32 math)."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    out, t = y.to(acc), dx.to(acc)
+    p = out.exp() if log else out
+    centred = t - (p * t).sum(-1, keepdim=True)
+    return (centred if log else out * centred).to(y.dtype)
+
+
 class SoftmaxFunction(torch.autograd.Function):
-    """Autograd node of (log-)softmax over the last dim of a 2-D tensor with contiguous rows (the eager path)."""
+    """Autograd node of (log-)softmax over the last dim of a 2-D tensor with contiguous rows (the eager path).
+    setup_context, jvp and vmap make it work under torch.func (grad, vjp, jvp, vmap, jacrev, jacfwd)."""
 
     @staticmethod
-    def forward(ctx, x, log):
-        y = rows_forward(x, log)
+    def forward(x, log):
+        return rows_forward(x, log)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, log = inputs
         ctx.log = log
-        ctx.save_for_backward(y)
-        return y
+        ctx.use_triton = _backend.uses_triton(x)  # backward may run on another thread (CUDA): keep forward's choice
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return rows_backward(y, dy, ctx.log), None
+        if needs_differentiable_backward(y, dy):
+            return differentiable_rows_backward(y, dy, ctx.log), None
+        return rows_backward(y, dy, ctx.log, ctx.use_triton), None
+
+    @staticmethod
+    def jvp(ctx, dx, _):
+        (y,) = ctx.saved_tensors
+        return _tangent(y, dx, ctx.log)
+
+    @staticmethod
+    def vmap(info, in_dims, x, log):
+        """Batched rows are just more rows: fold the batch dim into the row dim."""
+        batched = x.movedim(in_dims[0], 0)
+        rows = batched.reshape(-1, batched.shape[-1])
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        return SoftmaxFunction.apply(rows, log).reshape(batched.shape), 0
 
 
 def _rows(x, log):
@@ -60,23 +123,44 @@ def _rows(x, log):
     return SoftmaxFunction.apply(x, log)
 
 
-def _apply(input, dim, log):
+def _checked_dim(input, dim):
+    """dim as a non-negative index, with PyTorch's rules: an int in [-ndim, ndim) (a 0-dim tensor counts as 1-dim)."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    n_dims = max(input.dim(), 1)
+    if not -n_dims <= dim < n_dims:
+        raise IndexError(f"dim out of range: expected an int in [{-n_dims}, {n_dims - 1}] for a "
+                         f"{input.dim()}-dim input, got {dim}")
+    return dim % n_dims
+
+
+def _apply(input, dim, dtype, log):
+    if dtype is not None:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise UnsupportedDtypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+        if isinstance(input, torch.Tensor):
+            input = input.to(dtype)  # as PyTorch: cast first; the gradient flows back in input's own dtype
+    if isinstance(input, torch.Tensor) and not input.is_floating_point():
+        raise UnsupportedDtypeError(f"input must be a floating-point tensor, got {input.dtype}")
     check_logits("input", input)
+    dim = _checked_dim(input, dim)
     if input.dim() == 0:
         return _rows(input.reshape(1, 1), log).reshape(())
-    dim = dim % input.dim()
     moved = input.movedim(dim, -1)
-    rows = moved.reshape(-1, moved.shape[-1])
+    rows = moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    return _rows(rows, log).reshape(moved.shape).movedim(-1, dim)
+    out = _rows(rows, log).reshape(moved.shape).movedim(-1, dim)
+    return out.contiguous()  # a copy only when dim is not the last: PyTorch's output is contiguous too
 
 
-def softmax(input, dim=-1):
-    """softmax over `dim` in the input's dtype (fp32 math); an all -inf row gives 0. Passes: read 2x, write 1x."""
-    return _apply(input, dim, log=False)
+def softmax(input, dim=-1, *, dtype=None):
+    """softmax over `dim` (fp32 math), in `dtype` if given (input cast first, as PyTorch) else the input's;
+    an all -inf row gives 0. Passes: read 2x, write 1x; a dim other than the last adds a copy in and out."""
+    return _apply(input, dim, dtype, log=False)
 
 
-def log_softmax(input, dim=-1):
-    """log_softmax over `dim` (fp32 math); an all -inf row gives -inf. Passes: read 2x, write 1x."""
-    return _apply(input, dim, log=True)
+def log_softmax(input, dim=-1, *, dtype=None):
+    """log_softmax over `dim` (fp32 math), in `dtype` if given else the input's; an all -inf row gives -inf.
+    Passes: read 2x, write 1x; a dim other than the last adds a copy in and out."""
+    return _apply(input, dim, dtype, log=True)

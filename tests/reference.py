@@ -45,11 +45,13 @@ def cross_entropy_ref(logits, target, weight=None, ignore_index=-100, reduction=
 
 
 def softmax_ref(x, dim=-1, log=False):
-    """(log-)softmax in float64; an all -inf row gives 0 (softmax) or -inf (log_softmax)."""
+    """(log-)softmax in float64; an all -inf row gives 0 (softmax) or -inf (log_softmax); a row holding NaN or
+    +inf is all NaN (as PyTorch: the +inf entry is inf/inf, and the others' share of it undefined)."""
     x = x.double()
     lse = torch.logsumexp(x, dim=dim, keepdim=True)
     shift = torch.where(lse == float("-inf"), 0.0, lse)
-    return x - shift if log else torch.exp(x - shift)
+    out = x - shift if log else torch.exp(x - shift)
+    return torch.where(lse == float("inf"), float("nan"), out)
 
 
 def grad_norm_ref(grads, norm_type=2.0):

@@ -4,10 +4,11 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import TOLERANCES, assert_close
 from reference import softmax_ref
 
 import nanfuse
+from nanfuse._backend import registered_ops
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
@@ -68,3 +69,176 @@ def test_large_logits_do_not_overflow(device):
 def test_integer_input_is_refused():
     with pytest.raises(TypeError, match="input"):
         nanfuse.softmax(torch.arange(4))
+
+
+def _grad_error(grad, grad_ref):
+    return (grad.double() - grad_ref).abs().max()
+
+
+def _half_factor():
+    return 3 if os.environ.get("TRITON_INTERPRET") == "1" else 2
+
+
+def _torch_op(log):
+    return torch.log_softmax if log else torch.softmax
+
+
+def _op(log):
+    return nanfuse.log_softmax if log else nanfuse.softmax
+
+
+@pytest.mark.parametrize("through_op", [False, True], ids=["eager", "registered_op"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_double_backward_matches_pytorch(dtype, log, through_op):
+    # a gradient penalty: the second derivative must be PyTorch's, never a silent 0 (issue 12 item 4)
+    x = torch.randn(4, 7, dtype=dtype, requires_grad=True)
+    weights = torch.randn(4, 7, dtype=dtype)
+    with registered_ops(through_op):
+        (grad,) = torch.autograd.grad((_op(log)(x, dim=1) * weights).sum(), x, create_graph=True)
+        (hess,) = torch.autograd.grad((grad**2).sum(), x)
+    x_torch = x.detach().requires_grad_()
+    (grad_torch,) = torch.autograd.grad((_torch_op(log)(x_torch, 1) * weights).sum(), x_torch, create_graph=True)
+    (hess_torch,) = torch.autograd.grad((grad_torch**2).sum(), x_torch)
+    assert hess.abs().max() > 1e-3
+    torch.testing.assert_close(hess, hess_torch)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradgradcheck(dtype, log):
+    x = torch.randn(2, 4, dtype=dtype, requires_grad=True)
+    # fp32 finite differences: a larger step and tolerance, still far below the O(1) error of a wrong formula
+    tolerance = {} if dtype == torch.float64 else dict(eps=1e-2, atol=2e-2, rtol=2e-2)
+    assert torch.autograd.gradgradcheck(lambda t: _op(log)(t, dim=0), (x,), **tolerance)
+
+
+@pytest.mark.parametrize("shape, dim", [((2, 3), 2), ((2, 3), -3), ((4,), 1), ((), 1), ((), -2)])
+def test_dim_out_of_range_raises_index_error(shape, dim):
+    x = torch.randn(shape)
+    with pytest.raises(IndexError):
+        torch.softmax(x, dim)
+    for log in (False, True):
+        with pytest.raises(IndexError, match="dim"):
+            _op(log)(x, dim=dim)
+    with pytest.raises(TypeError, match="dim"):
+        nanfuse.softmax(x, dim=None)
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_zero_dim_input_follows_dim_rules(log, dim):
+    x = torch.tensor(2.5, requires_grad=True)
+    y = _op(log)(x, dim=dim)
+    assert y.shape == () and y.item() == _torch_op(log)(x.detach(), dim).item()
+
+
+@pytest.mark.parametrize("shape, dim", [((5, 0), -1), ((5, 0), 0), ((0, 3), 1), ((5, 0, 0), -1), ((2, 0, 3), 0),
+                                        ((2, 0, 3), 2), ((0,), 0)])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_zero_length_dims_give_empty_results(shape, dim, log):
+    x = torch.randn(shape, requires_grad=True)
+    y = _op(log)(x, dim=dim)
+    assert y.shape == x.shape and y.is_contiguous()
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("through_op", [False, True], ids=["eager", "registered_op"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_meta_tensors_give_meta_results(log, through_op):
+    x = torch.empty(4, 6, 3, device="meta", requires_grad=True)
+    with registered_ops(through_op):
+        y = _op(log)(x, dim=1)
+        z = _op(log)(x, dim=-1, dtype=torch.float64)
+    assert y.device.type == "meta" and y.shape == x.shape and y.is_contiguous() and y.requires_grad
+    assert z.device.type == "meta" and z.dtype == torch.float64
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert grad.device.type == "meta" and grad.shape == x.shape
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64),
+                                                 (torch.float32, torch.bfloat16), (torch.float64, torch.float32)])
+def test_dtype_keyword_matches_pytorch(in_dtype, out_dtype, log):
+    x = (torch.randn(3, 9) * 4).to(in_dtype).requires_grad_()
+    y = _op(log)(x, dim=0, dtype=out_dtype)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    x_torch = x.detach().requires_grad_()
+    y_torch = _torch_op(log)(x_torch, 0, dtype=out_dtype)
+    y_torch.backward(upstream)
+    assert y.dtype == out_dtype and x.grad.dtype == in_dtype
+    assert_close(y, y_torch, out_dtype, "output")
+    x_ref = x.detach().double().requires_grad_()
+    softmax_ref(x_ref, 0, log).backward(upstream.double())
+    if out_dtype in (torch.float32, torch.float64) and in_dtype != torch.float16:
+        assert_close(x.grad, x_ref.grad, max(in_dtype, out_dtype, key=lambda d: TOLERANCES[d][0]), "grad")
+    else:  # the gradient went through half precision: as test_matches_reference, against PyTorch's own error,
+        # or a few roundings of the largest gradient entry (the interpreter truncates: up to 1 ulp per cast)
+        half = out_dtype if out_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        rounding = 4 * torch.finfo(half).eps * x_ref.grad.abs().max()
+        torch_error = _grad_error(x_torch.grad, x_ref.grad)
+        assert _grad_error(x.grad, x_ref.grad) <= max(_half_factor() * torch_error, rounding) + 1e-4
+    with pytest.raises(NotImplementedError, match="dtype"):  # PyTorch raises NotImplementedError here too
+        _op(log)(x, dim=0, dtype=torch.int64)
+
+
+def test_integer_input_raises_pytorchs_class_too():
+    with pytest.raises(NotImplementedError):
+        torch.softmax(torch.arange(4), 0)
+    with pytest.raises(NotImplementedError, match="input"):
+        nanfuse.softmax(torch.arange(4))
+    assert_close(nanfuse.softmax(torch.arange(4), 0, dtype=torch.float32), softmax_ref(torch.arange(4.0)))
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_output_is_contiguous_like_pytorch(dim, layout, log):
+    x = torch.randn(3, 4, 5)
+    x = {"contiguous": x, "transposed": x.transpose(0, 2), "sliced": x[:, 1:, ::2]}[layout]
+    y = _op(log)(x, dim=dim)
+    assert y.is_contiguous() and y.stride() == _torch_op(log)(x, dim).stride()
+    assert_close(y.view(-1), softmax_ref(x, dim, log).reshape(-1))
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_torch_func_grad_vmap_jvp(log):
+    x = torch.randn(4, 3, 6)
+    ours, theirs = (lambda t: _op(log)(t, dim=-1)), (lambda t: _torch_op(log)(t, -1))
+    torch.testing.assert_close(torch.func.vmap(ours)(x), theirs(x))
+    torch.testing.assert_close(torch.func.vmap(ours, in_dims=2)(x), torch.func.vmap(theirs, in_dims=2)(x))
+    # per-sample gradients: vmap over grad
+    weights = torch.randn(3, 6)
+
+    def per_sample_loss(f):
+        return lambda t: (f(t) * weights).sum()
+
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(per_sample_loss(ours)))(x),
+                               torch.func.vmap(torch.func.grad(per_sample_loss(theirs)))(x))
+    tangent = torch.randn_like(x)
+    out, jvp_out = torch.func.jvp(ours, (x,), (tangent,))
+    out_ref, jvp_ref = torch.func.jvp(theirs, (x,), (tangent,))
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(jvp_out, jvp_ref)
+    cotangent = torch.randn_like(x)
+    torch.testing.assert_close(torch.func.vjp(ours, x)[1](cotangent), torch.func.vjp(theirs, x)[1](cotangent))
+    row = x[0, 0]
+    torch.testing.assert_close(torch.func.jacrev(ours)(row), torch.func.jacrev(theirs)(row))
+    torch.testing.assert_close(torch.func.jacfwd(ours)(row), torch.func.jacfwd(theirs)(row))
+    torch.testing.assert_close(torch.func.hessian(lambda t: ours(t)[1])(row),
+                               torch.func.hessian(lambda t: theirs(t)[1])(row))
+
+
+def test_backward_takes_the_path_its_forward_took(monkeypatch):
+    # on CUDA autograd runs backward on its own thread, outside the caller's use_backend block
+    from nanfuse.fallback import softmax as fallback
+
+    calls, original = [], fallback.softmax_backward
+    monkeypatch.setattr(fallback, "softmax_backward", lambda *args: calls.append(1) or original(*args))
+    x = torch.randn(3, 5, requires_grad=True)
+    with nanfuse.use_backend("torch"):
+        y = nanfuse.softmax(x)
+    y.backward(torch.randn_like(y))
+    assert calls == [1]
