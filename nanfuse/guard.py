@@ -52,7 +52,7 @@ def _scaler_state(scaler, optimizer):
 class NanGuard:
     """Wraps an optimizer: guard.step() clips and checks all gradients, then steps only if all are finite."""
 
-    def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None, process_group=None):
+    def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None, process_group=None, watch=None):
         if max_norm is not None and not float(max_norm) >= 0:
             raise ValueError(f"max_norm must be >= 0 or None, got {max_norm}")
         self.optimizer = optimizer
@@ -60,6 +60,7 @@ class NanGuard:
         self.norm_type = norm_type
         self.scaler = scaler
         self.process_group = process_group
+        self.watch = watch  # a NanWatch: it gets each step's report (nanfuse/watch), and localises bad steps
         self.steps = 0
         self.skipped_steps = torch.zeros((), dtype=torch.int64)  # moved to the gradients' device on use
         self.last_report: GradNormReport | None = None
@@ -88,6 +89,8 @@ class NanGuard:
         report, scale_all = norm_check_scale(_gradients(params, True), self.max_norm, self.norm_type,
                                              self.process_group, inv_scale)
         found_inf = report.found_inf
+        if self.watch is not None:
+            self.watch.observe(report)
         if self._fused():
             # the optimizer divides by grad_scale: g / (scale / coef) = g * (1 / scale) * coef
             grad_scale = 1.0 / report.clip_coef if inv_scale is None else 1.0 / (inv_scale * report.clip_coef)
