@@ -1,0 +1,175 @@
+"""NanWatch on hand-built models where the truth is known: the phase, the producing module and the cause."""
+
+import pytest
+import torch
+from test_guard import HostReads
+
+import nanfuse
+from nanfuse import _backend
+from nanfuse.fallback import cross_entropy as torch_cross_entropy
+from nanfuse.fallback import grad_norm as torch_grad_norm
+
+
+class Divide(torch.nn.Module):
+    def forward(self, x):
+        return x / (x - x)
+
+
+class LogOfZero(torch.nn.Module):
+    def forward(self, x):
+        return torch.log(torch.relu(x) * 0)
+
+
+class Overflow(torch.autograd.Function):
+    """Identity forward; a backward that overflows fp32."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e30 * 1e30
+
+
+class OverflowingLayer(torch.nn.Module):
+    def forward(self, x):
+        return Overflow.apply(x)
+
+
+def sequential(middle):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), middle, torch.nn.Linear(8, 4))
+
+
+def train_step(model, guard, x, y, loss_fn=nanfuse.cross_entropy):
+    loss_fn(model(x), y).backward()
+    report = guard.step()
+    guard.zero_grad()
+    return report
+
+
+def watched(model, **options):
+    watch = nanfuse.NanWatch(model, **options)
+    guard = nanfuse.NanGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1.0, watch=watch)
+    return watch, guard
+
+
+def batch(seed=0, n=8):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=generator), torch.randint(0, 4, (n,), generator=generator)
+
+
+def test_clean_steps_give_no_report():
+    model = sequential(torch.nn.ReLU())
+    watch, guard = watched(model)
+    for step in range(3):
+        train_step(model, guard, *batch(step))
+    assert watch.report() is None and watch.reports() == []
+
+
+def test_nan_input_row_is_bad_input_data():
+    model = sequential(torch.nn.ReLU())
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    x, y = batch(1)
+    x[3, 2] = float("nan")
+    x[5, 0] = float("inf")
+    train_step(model, guard, x, y)
+    report = watch.report()
+    assert (report.step, report.phase, report.cause) == (1, "input", "bad input data")
+    assert report.tensor == "input `input`" and report.rows == [3, 5] and report.count == 2
+    assert guard.skipped_steps.item() == 1
+
+
+@pytest.mark.parametrize("middle", [Divide(), LogOfZero()], ids=["x/(x-x)", "log(relu(x)*0)"])
+def test_unstable_module_is_named_and_not_the_layers_after_it(middle):
+    model = sequential(middle)
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.phase, report.cause, report.module, report.tensor) == ("forward", "unstable activation", "2",
+                                                                          "output")
+    assert report.passed_on == ["3"] and report.count > 0
+
+
+def test_log_of_saturated_softmax_is_an_unstable_loss():
+    model = sequential(torch.nn.ReLU())
+    watch, guard = watched(model)
+
+    def naive_loss(logits, target):
+        logits = logits * torch.tensor([1.0, 1.0, 1.0, 0.0]) + torch.tensor([0.0, 0.0, 0.0, 1e4])  # saturated
+        return -torch.log(torch.softmax(logits, -1)).gather(1, target[:, None]).mean()
+
+    x, y = batch(0)
+    train_step(model, guard, x, torch.zeros_like(y), naive_loss)
+    report = watch.report()
+    assert torch.isfinite(model(x)).all()  # the model's outputs were finite
+    assert (report.phase, report.cause, report.module) == ("loss", "unstable loss", "")
+    assert report.count > 0
+
+
+def test_overflowing_backward_is_exploding_gradients_in_that_layer():
+    model = sequential(OverflowingLayer())
+    watch, guard = watched(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.phase, report.cause, report.module, report.tensor) == ("backward", "exploding gradients", "2",
+                                                                          "grad_input")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped, and the replay left them
+
+
+def test_finite_norm_jump_is_exploding_gradients_with_the_numbers():
+    model = sequential(torch.nn.ReLU())
+    watch, guard = watched(model, min_history=4)
+    for step in range(6):
+        train_step(model, guard, *batch(step))
+    assert watch.report() is None
+    x, y = batch(6)
+    train_step(model, guard, x, y, lambda out, t: 1000.0 * nanfuse.cross_entropy(out, t))
+    report = watch.report()
+    assert (report.step, report.phase, report.cause) == (6, "backward", "exploding gradients")
+    assert 300 < report.numbers["ratio"] < 3000 and report.numbers["norm"] > 100 * report.numbers["median"]
+    assert report.module in {"0", "3"} and report.tensor in {"weight.grad", "bias.grad"}
+    assert "x its recent median" in str(report)
+
+
+def test_replay_keeps_rng_buffers_and_grads():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), Divide(),
+                                torch.nn.Linear(8, 4))
+    watch, guard = watched(model)
+    x, y = batch(0)
+    nanfuse.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    stats = model[1].running_mean.clone()
+    rng = torch.get_rng_state()
+    guard.step()  # the replay runs here (CPU: the flag is read for free)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(model[1].running_mean, stats)
+    assert all(torch.equal(a, p.grad, ) or (a.isnan() == p.grad.isnan()).all() for a, p in zip(grads,
+                                                                                               model.parameters()))
+    assert watch.report().module == "3"
+
+
+def test_watched_step_reads_nothing_back_until_report(monkeypatch):
+    # on CPU reading is free and both the clip and the watch use it; pretend it is not, as on a GPU
+    monkeypatch.setattr(torch_grad_norm, "may_read_values", lambda tensor: False)
+    monkeypatch.setattr(torch_cross_entropy, "may_read_values", lambda tensor: False)
+    monkeypatch.setattr(_backend, "may_read_values", lambda tensor: False)
+    model = sequential(Divide())
+    watch, guard = watched(model)
+    for step in range(2):
+        x, y = batch(step)
+        with HostReads() as trace:
+            train_step(model, guard, x, y)
+        assert trace.reads == []
+    report = watch.report()  # the flags are read here, and the last step replayed
+    assert (report.step, report.module, report.cause) == (1, "2", "unstable activation")
+
+
+def test_remove_takes_the_hooks_off():
+    model = sequential(torch.nn.ReLU())
+    watch, _ = watched(model)
+    watch.remove()
+    assert not model._forward_hooks and not model._forward_pre_hooks
