@@ -48,7 +48,9 @@ class NanReport:
     def __str__(self):
         where = "the model's own forward code" if self.module == "" else f"`{self.module}`"
         head = f"step {self.step}: {self.cause}"
-        if self.phase is not None:
+        if self.phase == "input":
+            head += f" (input phase: the model's {self.tensor} holds {self.count} non-finite values)"
+        elif self.phase is not None:
             head += f" ({self.phase} phase, in {where}, {self.tensor}: {self.count} non-finite values)"
         lines = [head, f"  why: {self.explanation}", f"  fix: {self.remedy}"]
         if self.rows is not None:
