@@ -25,8 +25,10 @@ def test_demo_summary(tmp_path):
     assert set(nanfuse_run.skipped) >= set(nan_event.steps)  # every bad batch skipped
     assert all(nanfuse_run.params_finite) and math.isfinite(nanfuse_run.final_loss())
     assert all(careful.params_finite)
+    assert all(nanfuse_run.causes[s] == "bad input data (samples [0, 3])" for s in nan_event.steps)
     summary = (tmp_path / "summary.md").read_text()
     assert "never recovers" in summary and "| nanfuse | 40 |" in summary
+    assert "watch: bad input data (samples [0, 3])" in summary
     for event in events:
         assert event.name in summary
 
@@ -35,3 +37,15 @@ def test_demo_command_writes_the_plot(tmp_path):
     pytest.importorskip("matplotlib", reason="the plot needs the demo extra: pip install 'nanfuse[demo]'")
     assert main(["demo", "--steps", "20", "--out", str(tmp_path), "--no-progress", "--no-lr-spike"]) == 0
     assert (tmp_path / "loss.png").stat().st_size > 10_000
+
+
+def test_demo_sanitize_trains_nan_batches_on_their_good_rows(tmp_path):
+    args = demo_args("--steps", "24", "--out", str(tmp_path), "--no-progress", "--no-lr-spike", "--no-half-logits",
+                     "--sanitize")
+    code, results, events = demo.main(args, echo=lambda *a: None)
+    nanfuse_run = results[-1]
+    (nan_event,) = events
+    assert code == 0 and not nanfuse_run.skipped and not nanfuse_run.causes
+    assert nanfuse_run.sanitized == {step: 2 for step in nan_event.steps}
+    assert all(math.isfinite(loss) for loss in nanfuse_run.losses)
+    assert "trained 3 step(s) on their good rows" in (tmp_path / "summary.md").read_text()
