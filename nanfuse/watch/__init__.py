@@ -135,6 +135,8 @@ class NanWatch:
             if pending.ready is None and not wait and not _backend.may_read_values(pending.flags):
                 return  # CPU tensors with reading disabled behave as CUDA would: wait for report()
             self._pending.pop(0)
+            if pending.ready is not None and wait:
+                pending.ready.synchronize()  # report(): the one place that may wait for the device
             found, jump, norm, median = (pending.host_flags if pending.ready is not None else pending.flags).tolist()
             if found or jump:
                 self._replay(pending, "nonfinite" if found else ("jump", norm, median))
