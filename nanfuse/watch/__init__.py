@@ -115,7 +115,7 @@ class NanWatch:
         finite = torch.isfinite(norm)
         median = self._history.nanmedian()
         enough = (~self._history.isnan()).sum() >= self.min_history
-        jump = enough & finite & (norm > self.jump_factor * median)
+        jump = enough & finite & (median > 0) & (norm > self.jump_factor * median)
         found = found_inf.detach().to(norm.device) > 0
         slot = step % self.history_length
         self._history[slot] = torch.where(finite, norm, self._history[slot])
