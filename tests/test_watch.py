@@ -65,6 +65,9 @@ def test_clean_steps_give_no_report():
     watch, guard = watched(model)
     for step in range(3):
         train_step(model, guard, *batch(step))
+        with torch.no_grad():  # evaluation between steps is not kept
+            model(batch(10 + step)[0])
+        assert watch._calls == []
     assert watch.report() is None and watch.reports() == []
 
 
@@ -191,3 +194,12 @@ def test_remove_takes_the_hooks_off():
     watch, _ = watched(model)
     watch.remove()
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_bench_watch_measures_three_modes_side_by_side():
+    from nanfuse.benchmark import watch as bench_watch
+
+    rows = bench_watch.measure(torch.device("cpu"), threads=(1,), steps=1, repeats=1, batch_size=2, context=4)
+    assert [r["mode"] for r in rows] == ["plain", "watch", "detect_anomaly"]
+    assert all(r["steps_per_s"] > 0 for r in rows) and rows[0]["relative"] == 1.0
+    assert "| 1 | detect_anomaly |" in bench_watch.format_table(rows, "cpu")

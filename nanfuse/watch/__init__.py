@@ -10,8 +10,10 @@ the step is replayed with hooks on every submodule (nanfuse/watch/replay.py). A 
 parameters unchanged, so the replay computes what the step computed. report() reads everything in one sync.
 """
 
+import collections
 import dataclasses
 import functools
+import statistics
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -29,7 +31,8 @@ class _Step:
     """A step the guard has checked: its captures and its (found_inf, norm jump) flags on the device."""
     step: int
     captures: list
-    flags: torch.Tensor  # fp64 (4,): non-finite gradients, norm jump, the norm, the median it was compared with
+    flags: object  # non-finite gradients, norm jump, the norm, the median it was compared with: a device fp64 (4,)
+    # tensor, or a list of floats where reading them was free (CPU)
     host_flags: torch.Tensor | None = None  # CUDA: a pinned copy, valid once `ready` has completed
     ready: object = None
 
@@ -53,6 +56,7 @@ class NanWatch:
         self.steps = 0
         self._calls, self._pending, self._replays, self._reports = [], [], [], {}
         self._history = self._record = None
+        self._host_history = collections.deque(maxlen=history)  # the norms, where reading them is free
         self._replaying = False
         self._handles = [model.register_forward_pre_hook(self._capture_call, with_kwargs=True),
                          model.register_forward_hook(self._capture_output)]
@@ -65,20 +69,20 @@ class NanWatch:
 
     # every step: capture, and the guard's flag and norm
     def _capture_call(self, module, args, kwargs):
-        if self._replaying or torch.compiler.is_compiling():
-            return
+        if self._replaying or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return  # a call under no_grad (evaluation) gives no gradients: nothing to keep
         self._resolve(wait=False)  # a previous bad step is replayed before this call changes anything
         if self.copy_inputs:
             args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
         devices = {t.device.index or 0 for t in tree_leaves((args, kwargs))
-                   if isinstance(t, torch.Tensor) and t.is_cuda}
+                   if isinstance(t, torch.Tensor) and t.is_cuda} if torch.cuda.is_initialized() else set()
         autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
                          for d in ("cpu", "cuda") if d == "cpu" or devices)
         self._calls.append(Capture(args, kwargs, torch.get_rng_state(),
                                    {i: torch.cuda.get_rng_state(i) for i in devices}, autocast))
 
     def _capture_output(self, module, args, output):
-        if self._replaying or torch.compiler.is_compiling() or not self._calls:
+        if self._replaying or torch.compiler.is_compiling() or not torch.is_grad_enabled() or not self._calls:
             return
         grads = self._calls[-1].output_grads
         for i, leaf in enumerate(tree_leaves(output)):
@@ -90,9 +94,13 @@ class NanWatch:
         step). Device ops only; a bad step is replayed here when its flag can be read for free (CPU)."""
         if torch.compiler.is_compiling():
             return
-        flags = self._update_records(self.steps, grad_report.total_norm, grad_report.found_inf)
+        norm, found_inf = grad_report.total_norm, grad_report.found_inf
+        if _backend.may_read_values(norm) and _backend.may_read_values(found_inf):  # CPU, eager: reading is free
+            flags = self._host_records(norm.item(), found_inf.item() > 0)
+        else:
+            flags = self._update_records(self.steps, norm, found_inf)
         pending = _Step(self.steps, self._calls, flags)
-        if flags.is_cuda:
+        if isinstance(flags, torch.Tensor) and flags.is_cuda:
             pending.host_flags = torch.empty(4, dtype=flags.dtype, pin_memory=True)
             pending.host_flags.copy_(flags, non_blocking=True)
             pending.ready = torch.cuda.Event()
@@ -102,6 +110,16 @@ class NanWatch:
         self._pending.append(pending)
         self._resolve(wait=False)
         del self._pending[:-self.keep]  # unresolved older steps: the device record still names them
+
+    def _host_records(self, norm, found):
+        """_update_records where the norm and flag are Python values: [found_inf, jump, norm, median]."""
+        history = [n for n in self._host_history]
+        median = statistics.median(history) if history else float("nan")
+        finite = -float("inf") < norm < float("inf")
+        jump = len(history) >= self.min_history and finite and median > 0 and norm > self.jump_factor * median
+        if finite:
+            self._host_history.append(norm)
+        return [float(found), float(jump), norm, median]
 
     def _update_records(self, step, norm, found_inf):
         """Norm history and the event record, on the device: (found_inf, jump, norm, median) as fp64 (4,)."""
@@ -132,12 +150,13 @@ class NanWatch:
             pending = self._pending[0]
             if pending.ready is not None and not wait and not pending.ready.query():
                 return
-            if pending.ready is None and not wait and not _backend.may_read_values(pending.flags):
+            if isinstance(pending.flags, torch.Tensor) and pending.ready is None and not wait:
                 return  # CPU tensors with reading disabled behave as CUDA would: wait for report()
             self._pending.pop(0)
             if pending.ready is not None and wait:
                 pending.ready.synchronize()  # report(): the one place that may wait for the device
-            found, jump, norm, median = (pending.host_flags if pending.ready is not None else pending.flags).tolist()
+            flags = pending.flags if pending.ready is None else pending.host_flags
+            found, jump, norm, median = flags if isinstance(flags, list) else flags.tolist()
             if found or jump:
                 self._replay(pending, "nonfinite" if found else ("jump", norm, median))
 
@@ -152,10 +171,11 @@ class NanWatch:
     def reports(self):
         """Every event seen so far, oldest first (one host sync reads them all)."""
         self._resolve(wait=True)
-        if self._record is None:
-            return []
-        parts = [self._record] + [s for _, _, replays in self._replays for r in replays for s in r.slots.values]
-        flat = torch.cat([p.to(self._record.device) for p in parts]).tolist()  # the one host read
+        record = self._record
+        if record is None:  # reading was free every step: everything is resolved already
+            record = torch.tensor([-1.0, -1.0, -1.0, float("nan"), float("nan")], dtype=torch.float64)
+        parts = [record] + [s for _, _, replays in self._replays for r in replays for s in r.slots.values]
+        flat = torch.cat([p.to(record.device) for p in parts]).tolist()  # the one host read
         first_bad, last_bad, jump_step, jump_norm, jump_median = flat[:5]
         offset = 5
         for step, kind, replays in self._replays:
