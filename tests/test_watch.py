@@ -123,7 +123,16 @@ def test_overflowing_backward_is_exploding_gradients_in_that_layer():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped, and the replay left them
 
 
-def test_finite_norm_jump_is_exploding_gradients_with_the_numbers():
+def defer_reads(monkeypatch):
+    """As on a GPU: nothing is read on the host until report() (the clip's and the watch's free reads are off)."""
+    for module in (torch_grad_norm, torch_cross_entropy, _backend):
+        monkeypatch.setattr(module, "may_read_values", lambda tensor: False)
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["read-at-once", "device-history"])
+def test_finite_norm_jump_is_exploding_gradients_with_the_numbers(deferred, monkeypatch):
+    if deferred:
+        defer_reads(monkeypatch)
     model = sequential(torch.nn.ReLU())
     watch, guard = watched(model, min_history=4)
     for step in range(6):
@@ -136,6 +145,16 @@ def test_finite_norm_jump_is_exploding_gradients_with_the_numbers():
     assert 300 < report.numbers["ratio"] < 3000 and report.numbers["norm"] > 100 * report.numbers["median"]
     assert report.module in {"0", "3"} and report.tensor in {"weight.grad", "bias.grad"}
     assert "x its recent median" in str(report)
+
+
+def test_a_step_released_before_its_flag_was_read_is_reported_unlocalised(monkeypatch):
+    defer_reads(monkeypatch)
+    model = sequential(Divide())
+    watch, guard = watched(model, keep=1)
+    for step in range(3):
+        train_step(model, guard, *batch(step))
+    reports = watch.reports()
+    assert [(r.step, r.cause) for r in reports] == [(0, "not localised"), (2, "unstable activation")]
 
 
 def test_replay_keeps_rng_buffers_and_grads():
@@ -158,7 +177,7 @@ def test_replay_keeps_rng_buffers_and_grads():
 @pytest.mark.parametrize("copy_inputs", [False, True])
 def test_a_refilled_input_buffer_needs_copy_inputs(copy_inputs, monkeypatch):
     # as on CUDA, the flag is read later (here: by report()), after the loop has refilled its input buffer
-    monkeypatch.setattr(_backend, "may_read_values", lambda tensor: False)
+    defer_reads(monkeypatch)
     model = sequential(torch.nn.ReLU())
     watch, guard = watched(model, copy_inputs=copy_inputs)
     x, y = batch(0)
@@ -175,9 +194,7 @@ def test_a_refilled_input_buffer_needs_copy_inputs(copy_inputs, monkeypatch):
 
 def test_watched_step_reads_nothing_back_until_report(monkeypatch):
     # on CPU reading is free and both the clip and the watch use it; pretend it is not, as on a GPU
-    monkeypatch.setattr(torch_grad_norm, "may_read_values", lambda tensor: False)
-    monkeypatch.setattr(torch_cross_entropy, "may_read_values", lambda tensor: False)
-    monkeypatch.setattr(_backend, "may_read_values", lambda tensor: False)
+    defer_reads(monkeypatch)
     model = sequential(Divide())
     watch, guard = watched(model)
     for step in range(2):
