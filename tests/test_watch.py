@@ -96,6 +96,26 @@ def test_unstable_module_is_named_and_not_the_layers_after_it(middle):
     assert report.passed_on == ["3"] and report.count > 0
 
 
+class OwnCode(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.last = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.last(h / (h - h))  # the NaN is made here, in this module's own code, not in `last`
+
+
+def test_nan_made_in_a_modules_own_code_names_that_module():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), OwnCode())
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.phase, report.cause, report.module) == ("forward", "unstable activation", "1")
+    assert report.passed_on == []  # `1.last` received it; the Sequential only returned it
+
+
 def test_log_of_saturated_softmax_is_an_unstable_loss():
     model = sequential(torch.nn.ReLU())
     watch, guard = watched(model)
@@ -164,6 +184,7 @@ def test_replay_keeps_rng_buffers_and_grads():
     watch, guard = watched(model)
     x, y = batch(0)
     nanfuse.cross_entropy(model(x), y).backward()
+    torch.rand(3)  # the RNG moves on after the forward: the replay must put back this state, not its own end
     grads = [p.grad.clone() for p in model.parameters()]
     stats = model[1].running_mean.clone()
     rng = torch.get_rng_state()
