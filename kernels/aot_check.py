@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from . import cross_entropy, grad_norm, scale, softmax
+from . import cross_entropy, grad_norm, sanitize, scale, softmax
 
 # compute capability -> multiprocessors of the flagship card (A100, H100 SXM), for the launchers' grids
 ARCHS = {80: 108, 90: 132}
@@ -81,7 +81,7 @@ def streams_aligned_data(report):
         return {"x_ptr", "y_ptr", "x_row_stride", "n_cols"} <= aligned
     if report.kernel == "softmax_backward_kernel":
         return {"y_ptr", "dy_ptr", "dx_ptr", "dy_row_stride", "n_cols"} <= aligned
-    if report.kernel == "scale_kernel":
+    if report.kernel in ("scale_kernel", "sanitize_kernel"):
         return {"x_ptr", "n_elements"} <= aligned
     streams = report.kernel == "cross_entropy_stats_kernel" or any(
         c.get(k) for k in ("COMPUTE_STATS", "WRITE_GRAD", "SMOOTHING", "PROB_TARGET"))
@@ -157,6 +157,9 @@ def shipped_launches(n_sms):
                 launches += [(label, launch) for launch in softmax.plan_backward(x, x, torch.empty_like(x), log)]
         launches += [(f"scale {name}", launch) for launch in
                      scale.plan_scale(torch.empty(10**6, dtype=dtype, **meta), torch.empty((), **meta))]
+        for shape in ((32, 32, 64), (33, 7)):  # a 16-divisible batch, and an odd one
+            launches += [(f"sanitize {name} {shape}", launch) for launch in sanitize.plan_sanitize(
+                torch.empty(shape, dtype=dtype, **meta), torch.empty(shape[0], dtype=torch.uint8, **meta), 0.0)]
         grads = [torch.empty(n, dtype=dtype, **meta) for n in (768, 768 * 2304, 50257 * 768)]
         for aligned in (True, False):  # build_tables groups tensors by whether data_ptr % 16 == 0
             tables = [grad_norm._build_table(grads, torch.device("meta"), n_sms, aligned)]

@@ -76,7 +76,7 @@ class _NonFiniteEvaluation(Exception):
 class NanGuard:
     """Wraps an optimizer: guard.step() clips and checks all gradients, then steps only if all are finite."""
 
-    def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None, process_group=None):
+    def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None, process_group=None, watch=None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, torch.optim.SparseAdam):
@@ -90,6 +90,7 @@ class NanGuard:
         self.norm_type = _norm_kind(norm_type)[0]
         self.scaler = scaler
         self.process_group = process_group
+        self.watch = watch  # a NanWatch: it gets each step's report (nanfuse/watch), and localises bad steps
         self.steps = 0
         self.skipped_steps = torch.zeros((), dtype=torch.int64)  # moved to the gradients' device on use
         self.last_report: GradNormReport | None = None
@@ -139,6 +140,8 @@ class NanGuard:
         report, scale_all = norm_check_scale(_gradients(self._params(), True), self.max_norm, self.norm_type,
                                              self.process_group, inv_scale)
         found_inf = report.found_inf
+        if self.watch is not None:
+            self.watch.observe(report)
         if self._fused():
             factor = report.clip_coef.double() if inv_scale is None else report.clip_coef.double() * inv_scale
             if self.max_norm is not None:  # a factor below 2**-100 (norms near 1e38) is applied in a pass first

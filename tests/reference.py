@@ -64,3 +64,13 @@ def grad_norm_ref(grads, norm_type=2.0):
     if not 0 < top < float("inf"):  # all zero, or a NaN/Inf: the plain norm says so
         return torch.linalg.vector_norm(values, norm_type)
     return top * torch.linalg.vector_norm(values / top, norm_type)
+
+
+def sanitize_ref(inputs, target, ignore_index=-100, fill=0.0):
+    """sanitize_batch, sample by sample: (new inputs, new target, bad-row list), the inputs left unchanged."""
+    bad = [i for i in range(target.shape[0]) if any(not torch.isfinite(x[i]).all() for x in inputs)]
+    cleaned = [torch.where(torch.isfinite(x), x, torch.tensor(fill, dtype=x.dtype)) for x in inputs]
+    new_target = target.clone()
+    for i in bad:
+        new_target[i] = ignore_index
+    return cleaned, new_target, bad

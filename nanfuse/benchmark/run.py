@@ -171,6 +171,13 @@ def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=
             echo("\n" + tables[-1])
             if plot(rows, op, out / f"{op}.png", f"{title} on {name}"):
                 echo(f"plot: {out / f'{op}.png'}")
+    watch_rows = []
+    if only == "watch":
+        from . import watch
+
+        watch_rows = watch.measure(device)
+        tables.append(watch.format_table(watch_rows, name))
+        echo("\n" + tables[-1])
     overhead_rows = []
     if only in (None, "overhead"):
         overhead_rows = overhead.measure(device)
@@ -181,7 +188,7 @@ def run(out_dir="nanfuse-bench", quick=False, cases=None, device=None, progress=
     for note in notes:
         echo(f"note: {note}")
     results = dict(device=name, device_type=device.type, copy_gbs=copy_gbs, quick=quick, notes=notes,
-                   torch=torch.__version__, rows=rows, overhead=overhead_rows)
+                   torch=torch.__version__, rows=rows, overhead=overhead_rows, watch=watch_rows)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text("\n\n".join(tables + ["\n".join(f"- {n}" for n in notes)]) + "\n")
     echo(f"results: {out / 'results.json'} and {out / 'results.md'} in {os.path.abspath(out)}")

@@ -6,7 +6,8 @@ Runs, all with the same seed, data, model and learning-rate schedule:
   careful  the same plus the check a careful user adds by hand: skip the step when the loss or the
            returned norm is not finite (one host sync per step);
   nanfuse  nanfuse.cross_entropy and NanGuard around a fused AdamW (clip, check and skip on the
-           device, no host sync).
+           device, no host sync), with a NanWatch naming the cause of each bad step; with --sanitize,
+           nanfuse.sanitize_batch cleans each batch first, so batches with a few NaN rows train on the rest.
 Events, each on by default: a learning-rate spike (exploding updates), batches whose inputs hold
 NaN (bad data), and an output layer run in float16 with a large logit scale (half-precision logits
 of large magnitude: values past 65504 become Inf).
@@ -83,6 +84,8 @@ class RunResult:
     skipped: dict  # step -> why
     params_finite: list  # bool per step, after the step
     wall_s: float
+    causes: dict = dataclasses.field(default_factory=dict)  # step -> what the NanWatch reported
+    sanitized: dict = dataclasses.field(default_factory=dict)  # step -> samples cleaned by sanitize_batch
 
     def first_nonfinite(self):
         for step, (loss, ok) in enumerate(zip(self.losses, self.params_finite)):
@@ -100,10 +103,11 @@ def train(run, ids, vocab, args, events, device, tick):
     params = list(model.parameters())
     if run == "nanfuse":
         optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)
-        guard = nanfuse.NanGuard(optimizer, max_norm=args.max_norm)
+        watch = nanfuse.NanWatch(model)
+        guard = nanfuse.NanGuard(optimizer, max_norm=args.max_norm, watch=watch)
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr)
-    losses, reports, finite, skipped = [], [], [], {}
+    losses, reports, finite, skipped, cleaned = [], [], [], {}, []
     start = time.perf_counter()
     for step in range(args.steps):
         active = {e.name for e in events if step in e.steps}
@@ -112,6 +116,9 @@ def train(run, ids, vocab, args, events, device, tick):
         inputs, targets = _batch(ids, vocab, step, args.batch_size, args.context, device)
         if "NaN inputs" in active:
             inputs[0, 5:9] = float("nan")
+            inputs[3, 0] = float("nan")
+        if run == "nanfuse" and args.sanitize:
+            cleaned.append(nanfuse.sanitize_batch(inputs, targets).bad_count)  # a device tensor: no sync
         logits = model(inputs, half_logits="fp16 logits" in active, logit_scale=3000.0)
         logits, targets = logits.reshape(-1, vocab), targets.reshape(-1)
         optimizer.zero_grad(set_to_none=True)
@@ -136,8 +143,25 @@ def train(run, ids, vocab, args, events, device, tick):
     for step, report in enumerate(reports):  # read back after the run, for the table only
         if report.found_inf.item():
             skipped[step] = f"{report.nonfinite_count.item()} non-finite gradient values"
+    causes = {}
+    if run == "nanfuse":
+        causes = {event.step: _cause(event) for event in watch.reports()}
+        watch.remove()
+    sanitized = {step: n for step, n in enumerate(torch.stack(cleaned).tolist() if cleaned else []) if n}
     # read back once, after the run (timed above), for the table
-    return RunResult(run, torch.stack(losses).tolist(), skipped, torch.stack(finite).tolist(), wall)
+    return RunResult(run, torch.stack(losses).tolist(), skipped, torch.stack(finite).tolist(), wall, causes,
+                     sanitized)
+
+
+def _cause(report):
+    """One line for the summary from a NanReport."""
+    if report.cause == "bad input data":
+        return f"bad input data (samples {report.rows})"
+    if report.numbers:
+        return (f"exploding gradients (norm {report.numbers['norm']:.3g} = {report.numbers['ratio']:.3g}x the "
+                f"median; most in `{report.numbers.get('largest', '?')}`)")
+    where = "the model's forward code" if report.module == "" else f"`{report.module}`"
+    return f"{report.cause} ({report.phase}, {where})" if report.phase else report.cause
 
 
 def describe(result, event):
@@ -155,6 +179,13 @@ def describe(result, event):
     parts = []
     if skipped:
         parts.append(f"skipped {len(skipped)} step(s) ({result.skipped[skipped[0]]})")
+    cleaned = [s for s in steps if s in result.sanitized]
+    if cleaned:
+        parts.append(f"trained {len(cleaned)} step(s) on their good rows ({result.sanitized[cleaned[0]]} "
+                     "sample(s) cleaned each)")
+    causes = [result.causes[s] for s in steps if s in result.causes]
+    if causes:
+        parts.append("watch: " + causes[0] + (f" (and {len(causes) - 1} more step(s))" if len(causes) > 1 else ""))
     if bad_loss:
         parts.append(f"non-finite loss at {len(bad_loss)} step(s)")
     finite = [v for v in window_losses if math.isfinite(v)]
@@ -181,6 +212,8 @@ def table(results, events):
 
 
 def plot(results, events, path):
+    """One panel per run (so none hides another), the same log scale on each: the events shaded and named,
+    skipped steps marked along the bottom, and where the parameters became NaN."""
     try:
         import matplotlib
 
@@ -188,21 +221,34 @@ def plot(results, events, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(10, 5))
-    for event, color in zip(events, ["#f4d03f", "#e74c3c", "#5dade2"]):
-        ax.axvspan(event.steps.start - 0.5, event.steps.stop - 0.5, color=color, alpha=0.25, label=event.name)
-    for r, style in zip(results, ["-", "--", "-"]):
-        ax.plot(range(len(r.losses)), [v if math.isfinite(v) else float("nan") for v in r.losses], style,
-                label=r.name, linewidth=1.2)
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 2.3 * len(results) + 0.8), sharex=True, sharey=True)
+    finite = [v for r in results for v in r.losses if math.isfinite(v) and v > 0]
+    low, high = (min(finite), max(finite)) if finite else (1e-2, 1e2)
+    colors = ["#7f8c8d", "#2e86c1", "#c0392b"]
+    for ax, r, color in zip(axes, results, colors):
+        for event, shade in zip(events, ["#f4d03f", "#e74c3c", "#5dade2"]):
+            ax.axvspan(event.steps.start - 0.5, event.steps.stop - 0.5, color=shade, alpha=0.25)
+            if r is results[0]:
+                ax.annotate(event.name, (event.steps.start, high * 1.5), fontsize=8, annotation_clip=False)
+        ax.plot(range(len(r.losses)), [v if math.isfinite(v) else float("nan") for v in r.losses], color=color,
+                linewidth=1.2)
+        if r.skipped:
+            ax.plot(sorted(r.skipped), [low] * len(r.skipped), "v", color="black", markersize=5,
+                    label=f"skipped step ({len(r.skipped)})")
+        if r.sanitized:
+            ax.plot(sorted(r.sanitized), [low] * len(r.sanitized), "o", color="green", markersize=4,
+                    label=f"trained on good rows ({len(r.sanitized)})")
         first = r.first_nonfinite()
         if first is not None and not r.params_finite[-1]:
-            ax.axvline(first, color="black", linestyle=":", linewidth=1)
-            ax.annotate(f"{r.name}: NaN from here", (first, ax.get_ylim()[1] * 0.9), fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (gaps: NaN/Inf)")
-    ax.set_title("nanfuse demo: the same model trained three ways")
-    ax.legend(fontsize=8, loc="upper right")
+            ax.axvspan(first - 0.5, len(r.losses), color="black", alpha=0.12, label="parameters NaN")
+        ax.set_yscale("log")
+        ax.set_ylim(low / 2, high * 3)
+        ax.set_ylabel("loss")
+        ax.set_title(f"{r.name}: final loss {r.final_loss():.3g}", fontsize=9, loc="left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper right")
+    axes[-1].set_xlabel("step")
+    fig.suptitle("nanfuse demo: the same model trained three ways (shaded: the events)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -268,4 +314,6 @@ def add_arguments(parser):
     parser.add_argument("--no-lr-spike", action="store_true", help="leave out the learning-rate spike")
     parser.add_argument("--no-nan-data", action="store_true", help="leave out the batches with NaN inputs")
     parser.add_argument("--no-half-logits", action="store_true", help="leave out the float16 large logits")
+    parser.add_argument("--sanitize", action="store_true",
+                        help="the nanfuse run cleans each batch with sanitize_batch (NaN rows ignored, not skipped)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -1,0 +1,209 @@
+"""NanWatch: where a NaN/Inf started and which of four causes it was, with no host sync on clean steps.
+
+Every step (cheap, no host sync): a forward pre-hook and a forward hook on the watched model keep a reference
+to its call arguments, the RNG state, the autocast state and the gradient arriving at its outputs; the
+guard hands over its non-finite flag and gradient norm (NanGuard(..., watch=watch)), and a device-side
+history of the norm flags a norm that jumped past `jump_factor` times its recent median.
+Only a bad step (non-finite gradients, or a norm jump) is localised: once its flag reaches the host (at
+once for CPU tensors; on CUDA through an asynchronous copy, seen by the next step's forward or by report()),
+the step is replayed with hooks on every submodule (nanfuse/watch/replay.py). A skipped step left the
+parameters unchanged, so the replay computes what the step computed. report() reads everything in one sync.
+"""
+
+import collections
+import dataclasses
+import functools
+import statistics
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from .. import _backend
+from .localise import jump_report, nonfinite_report
+from .replay import Capture, replay
+from .report import CAUSES, NanReport, make_report
+
+__all__ = ["CAUSES", "NanReport", "NanWatch"]
+
+
+@dataclasses.dataclass
+class _Step:
+    """A step the guard has checked: its captures and its (found_inf, norm jump) flags on the device."""
+    step: int
+    captures: list
+    flags: object  # non-finite gradients, norm jump, the norm, the median it was compared with: a device fp64 (4,)
+    # tensor, or a list of floats where reading them was free (CPU)
+    host_flags: torch.Tensor | None = None  # CUDA: a pinned copy, valid once `ready` has completed
+    ready: object = None
+
+
+def _keep_grad(grads, index, grad):
+    grads[index] = grad
+
+
+class NanWatch:
+    """Watches `model`: hand it to NanGuard(optimizer, ..., watch=watch), then read watch.report()."""
+
+    def __init__(self, model, *, jump_factor=100.0, history=32, min_history=8, keep=2, copy_inputs=False):
+        if not jump_factor > 1:
+            raise ValueError(f"jump_factor must be > 1, got {jump_factor}")
+        if not 1 <= min_history <= history:
+            raise ValueError(f"min_history must be in [1, history={history}], got {min_history}")
+        if not keep >= 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.model, self.jump_factor, self.min_history, self.keep = model, float(jump_factor), min_history, keep
+        self.history_length, self.copy_inputs = history, copy_inputs
+        self.steps = 0
+        self._calls, self._pending, self._replays, self._reports = [], [], [], {}
+        self._history = self._record = None
+        self._host_history = collections.deque(maxlen=history)  # the norms, where reading them is free
+        self._replaying = False
+        self._handles = [model.register_forward_pre_hook(self._capture_call, with_kwargs=True),
+                         model.register_forward_hook(self._capture_output)]
+
+    def remove(self):
+        """Take the hooks off the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # every step: capture, and the guard's flag and norm
+    def _capture_call(self, module, args, kwargs):
+        if self._replaying or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return  # a call under no_grad (evaluation) gives no gradients: nothing to keep
+        self._resolve(wait=False)  # a previous bad step is replayed before this call changes anything
+        if self.copy_inputs:
+            args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+        devices = {t.device.index or 0 for t in tree_leaves((args, kwargs))
+                   if isinstance(t, torch.Tensor) and t.is_cuda} if torch.cuda.is_initialized() else set()
+        autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+                         for d in ("cpu", "cuda") if d == "cpu" or devices)
+        self._calls.append(Capture(args, kwargs, torch.get_rng_state(),
+                                   {i: torch.cuda.get_rng_state(i) for i in devices}, autocast))
+
+    def _capture_output(self, module, args, output):
+        if self._replaying or torch.compiler.is_compiling() or not torch.is_grad_enabled() or not self._calls:
+            return
+        grads = self._calls[-1].output_grads
+        for i, leaf in enumerate(tree_leaves(output)):
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                leaf.register_hook(functools.partial(_keep_grad, grads, i))
+
+    def observe(self, grad_report):
+        """Take one step's GradNormReport (NanGuard.step() calls this after its check, before the optimizer
+        step). Device ops only; a bad step is replayed here when its flag can be read for free (CPU)."""
+        if torch.compiler.is_compiling():
+            return
+        norm, found_inf = grad_report.total_norm, grad_report.found_inf
+        if _backend.may_read_values(norm) and _backend.may_read_values(found_inf):  # CPU, eager: reading is free
+            flags = self._host_records(norm.item(), found_inf.item() > 0)
+        else:
+            flags = self._update_records(self.steps, norm, found_inf)
+        pending = _Step(self.steps, self._calls, flags)
+        if isinstance(flags, torch.Tensor) and flags.is_cuda:
+            pending.host_flags = torch.empty(4, dtype=flags.dtype, pin_memory=True)
+            pending.host_flags.copy_(flags, non_blocking=True)
+            pending.ready = torch.cuda.Event()
+            pending.ready.record()
+        self._calls = []
+        self.steps += 1
+        self._pending.append(pending)
+        self._resolve(wait=False)
+        del self._pending[:-self.keep]  # unresolved older steps: the device record still names them
+
+    def _host_records(self, norm, found):
+        """_update_records where the norm and flag are Python values: [found_inf, jump, norm, median]."""
+        history = [n for n in self._host_history]
+        median = statistics.median(history) if history else float("nan")
+        finite = -float("inf") < norm < float("inf")
+        jump = len(history) >= self.min_history and finite and median > 0 and norm > self.jump_factor * median
+        if finite:
+            self._host_history.append(norm)
+        return [float(found), float(jump), norm, median]
+
+    def _update_records(self, step, norm, found_inf):
+        """Norm history and the event record, on the device: (found_inf, jump, norm, median) as fp64 (4,)."""
+        norm = norm.detach().double()
+        if self._history is None or self._history.device != norm.device:
+            self._history = torch.full((self.history_length,), float("nan"), dtype=torch.float64,
+                                       device=norm.device)
+            # first bad step, last bad step, last jump step, its norm, the median it was compared with
+            self._record = torch.tensor([-1.0, -1.0, -1.0, float("nan"), float("nan")], dtype=torch.float64,
+                                        device=norm.device)
+        finite = torch.isfinite(norm)
+        median = self._history.nanmedian()
+        enough = (~self._history.isnan()).sum() >= self.min_history
+        jump = enough & finite & (median > 0) & (norm > self.jump_factor * median)
+        found = found_inf.detach().to(norm.device) > 0
+        slot = step % self.history_length
+        self._history[slot] = torch.where(finite, norm, self._history[slot])
+        at = torch.full((), float(step), dtype=torch.float64, device=norm.device)
+        first_time = found & (self._record[0] < 0)
+        self._record = torch.where(torch.stack([first_time, found, jump, jump, jump]),
+                                   torch.stack([at, at, at, norm, median]), self._record)
+        return torch.stack([found.double(), jump.double(), norm, median])
+
+    # localising a bad step
+    def _resolve(self, wait):
+        """Replay the pending steps whose flags the host can read without a sync (all of them if `wait`)."""
+        while self._pending:
+            pending = self._pending[0]
+            if pending.ready is not None and not wait and not pending.ready.query():
+                return
+            if isinstance(pending.flags, torch.Tensor) and pending.ready is None and not wait:
+                return  # CPU tensors with reading disabled behave as CUDA would: wait for report()
+            self._pending.pop(0)
+            if pending.ready is not None and wait:
+                pending.ready.synchronize()  # report(): the one place that may wait for the device
+            flags = pending.flags if pending.ready is None else pending.host_flags
+            found, jump, norm, median = flags if isinstance(flags, list) else flags.tolist()
+            if found or jump:
+                self._replay(pending, "nonfinite" if found else ("jump", norm, median))
+
+    def _replay(self, pending, kind):
+        self._replaying = True
+        try:
+            replays = [replay(self.model, capture) for capture in pending.captures]
+        finally:
+            self._replaying = False
+        self._replays.append((pending.step, kind, replays))
+
+    def reports(self):
+        """Every event seen so far, oldest first (one host sync reads them all)."""
+        self._resolve(wait=True)
+        record = self._record
+        if record is None:  # reading was free every step: everything is resolved already
+            record = torch.tensor([-1.0, -1.0, -1.0, float("nan"), float("nan")], dtype=torch.float64)
+        parts = [record] + [s for _, _, replays in self._replays for r in replays for s in r.slots.values]
+        flat = torch.cat([p.to(record.device) for p in parts]).tolist()  # the one host read
+        first_bad, last_bad, jump_step, jump_norm, jump_median = flat[:5]
+        offset = 5
+        for step, kind, replays in self._replays:
+            found = None
+            for r in replays:
+                values = []
+                for value in r.slots.values:
+                    values.append(flat[offset:offset + value.numel()])
+                    offset += value.numel()
+                if kind == "nonfinite" and found is None:
+                    report = nonfinite_report(step, r, values)
+                    found = None if report.cause == "not reproduced" and r is not replays[-1] else report
+                elif kind != "nonfinite" and found is None:
+                    found = jump_report(step, r, values, kind[1], kind[2], self.jump_factor)
+            if found is None and kind == "nonfinite":  # no captured call of the model in this step
+                found = make_report(step, None, "not reproduced", None, None, 0, " (no call of the model captured)")
+            if found is not None:
+                self._reports.setdefault((step, "nonfinite" if kind == "nonfinite" else "jump"), found)
+        self._replays = []
+        for step in {int(first_bad), int(last_bad)} - {-1}:
+            if (step, "nonfinite") not in self._reports:
+                self._reports[(step, "nonfinite")] = make_report(step, None, "not localised", None, None, 0)
+        if jump_step >= 0 and (int(jump_step), "jump") not in self._reports:
+            self._reports[(int(jump_step), "jump")] = jump_report(int(jump_step), None, [], jump_norm, jump_median,
+                                                                  self.jump_factor)
+        return [self._reports[key] for key in sorted(self._reports)]
+
+    def report(self):
+        """The latest event (a NanReport), or None when every step so far was clean."""
+        events = self.reports()
+        return events[-1] if events else None

@@ -1,0 +1,65 @@
+"""NanReport: where a non-finite value started, which of the four causes it was, and what to do about it."""
+
+import dataclasses
+
+CAUSES = {
+    "bad input data": (
+        "the batch held NaN/Inf before the model ran",
+        "clean or drop those samples: nanfuse.sanitize_batch(inputs, target) trains on the good rows"),
+    "unstable activation": (
+        "a module turned finite inputs into NaN/Inf (an exp or softmax overflowing, a division by ~0, a log of "
+        "0, a half-precision overflow)",
+        "make that op safe: a max-subtracted softmax (nanfuse.softmax), a clamped denominator or log argument, "
+        "fp32 for that module, or a lower learning rate if the weights grew"),
+    "unstable loss": (
+        "the model's outputs were finite but the loss or its gradient was not (e.g. log(softmax(x)) on a "
+        "saturated row)",
+        "use a fused, max-subtracted loss: nanfuse.cross_entropy or nanfuse.log_softmax, never log(softmax(x))"),
+    "exploding gradients": (
+        "forward and loss were finite; the gradients overflowed or jumped in backward",
+        "lower the learning rate or add warm-up, clip (NanGuard(max_norm=...)), or fix that layer's backward"),
+    "not reproduced": (
+        "replaying the step with the same batch, RNG state and parameters gave finite values: a non-deterministic "
+        "op, a race or a hardware fault, or gradients that did not come from the model's call",
+        "rerun the step to tell a fault from the data; check gradients set or modified by hand"),
+    "not localised": (
+        "the step's gradients were non-finite, but its batch was released before the flag reached the host (the "
+        "device ran more than `keep` steps behind)",
+        "raise NanWatch(keep=...), or call watch.report() soon after a skipped step"),
+}
+
+
+@dataclasses.dataclass
+class NanReport:
+    """One event found by a NanWatch. `module` is a qualified name from model.named_modules() ("" is the model's
+    own forward code, outside any submodule); `tensor` says which of its inputs/outputs/gradients."""
+    step: int  # the guard step (0-based) it happened in
+    phase: str | None  # "input", "forward", "loss", "backward"; None when not localised
+    cause: str  # a key of CAUSES
+    module: str | None
+    tensor: str | None
+    count: int  # non-finite values in that tensor (0 for a finite norm jump)
+    explanation: str
+    remedy: str
+    rows: list | None = None  # bad input data: the samples (dim 0) holding a non-finite value
+    passed_on: list = dataclasses.field(default_factory=list)  # modules after it that only passed it on
+    numbers: dict = dataclasses.field(default_factory=dict)  # norm jump: norm, median, ratio
+
+    def __str__(self):
+        where = "the model's own forward code" if self.module == "" else f"`{self.module}`"
+        head = f"step {self.step}: {self.cause}"
+        if self.phase == "input":
+            head += f" (input phase: the model's {self.tensor} holds {self.count} non-finite values)"
+        elif self.phase is not None:
+            head += f" ({self.phase} phase, in {where}, {self.tensor}: {self.count} non-finite values)"
+        lines = [head, f"  why: {self.explanation}", f"  fix: {self.remedy}"]
+        if self.rows is not None:
+            lines.insert(1, f"  samples: {self.rows}")
+        if self.passed_on:
+            lines.insert(1, f"  passed on by: {', '.join(self.passed_on)}")
+        return "\n".join(lines)
+
+
+def make_report(step, phase, cause, module, tensor, count, detail="", **extra):
+    explanation, remedy = CAUSES[cause]
+    return NanReport(step, phase, cause, module, tensor, int(count), explanation + detail, remedy, **extra)
