@@ -206,6 +206,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         def entry(tensor, dim, b):
             return tensor if dim is None or tensor is None else tensor.select(dim, b)
 
+        if not target.is_floating_point() and _check_targets(target):
+            _check_target_range(target, logits.shape[-1], opts.ignore_index)
         outputs = [CrossEntropyFunction.apply(*(entry(t, d, b) for t, d in zip((logits, target, weight), in_dims)),
                                               opts, compute_grad, keep_logits) for b in range(info.batch_size)]
         return tuple(torch.stack(column) for column in zip(*outputs)), (0, 0, 0, 0)
@@ -246,9 +248,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         flat_target = flat_target.contiguous()
     if weight is not None:
         weight = weight.contiguous()  # the kernels index it densely
+    in_transform = torch._C._functorch.peek_interpreter_stack() is not None  # torch.func: vmap, grad, ...
     if not prob_target:
         flat_target = flat_target.long().contiguous()  # the kernels read one index per row, densely
-        if _backend.may_read_values(flat_target) or os.environ.get("NANFUSE_CHECK_TARGETS") == "1":
+        if not in_transform and _check_targets(flat_target):  # under vmap: checked per entry by the vmap rule
             _check_target_range(flat_target, n_classes, opts.ignore_index)
     if _backend.through_registered_ops():
         from . import _ops
@@ -258,11 +261,16 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         # the logits are kept beyond reduction='none' where backward needs them: gradients of probability
         # targets or weights, and torch.func transforms (whose backward must itself be differentiable)
         keep_logits = grad_enabled and (flat_target.requires_grad or (weight is not None and weight.requires_grad)
-                                        or torch._C._functorch.peek_interpreter_stack() is not None)
+                                        or in_transform)
         loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts, compute_grad, keep_logits)[0]
     if reduction == "none":  # one loss per position: (), (N,) or (N, d1, ...)
         return loss.reshape(out_shape)
     return loss
+
+
+def _check_targets(target):
+    """Whether class indices are range-checked: where reading them is free (CPU), or on request (one sync)."""
+    return _backend.may_read_values(target) or os.environ.get("NANFUSE_CHECK_TARGETS") == "1"
 
 
 def _check_target_range(target, n_classes, ignore_index):
