@@ -88,7 +88,7 @@ def check_cross_entropy_args(input, target, weight, opts, compute_grad=False, gr
         if input.is_leaf:
             raise ValueError("inplace_backward=True would overwrite input, a leaf that requires grad, with its "
                              "own gradient; pass inplace_backward=False")
-        if input.dim() > 2 or input.stride(-1) != 1:
+        if input.dim() > 2 or (input.shape[-1] > 1 and input.stride(-1) != 1):
             raise ValueError("inplace_backward=True needs input of shape (C,) or (N, C) with contiguous classes; "
                              f"got shape {tuple(input.shape)} and strides {input.stride()}")
         if input.dim() == 2 and input.shape[0] > 1 and input.stride(0) < input.shape[1]:

@@ -242,7 +242,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     else:  # (N, C, d1, ...): classes last, one row per position
         logits = input.movedim(1, -1).reshape(-1, n_classes)
         flat_target = target.movedim(1, -1).reshape(-1, n_classes) if prob_target else target.reshape(-1)
-    if logits.stride(-1) != 1:
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
         logits = logits.contiguous()
     if prob_target and flat_target.stride(-1) != 1:
         flat_target = flat_target.contiguous()
