@@ -45,12 +45,12 @@ def check_cross_entropy_args(input, target, weight, opts, compute_grad=False, gr
         raise ValueError("input must have a class dimension: shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if n_classes == 0:
-        raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
+        raise ArgumentError(f"input has no classes: shape {tuple(input.shape)}")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     if target.is_floating_point():
         if target.shape != input.shape:
-            raise ValueError(f"target of class probabilities must have input's shape {tuple(input.shape)}, "
+            raise ArgumentError(f"target of class probabilities must have input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
         if opts.ignore_index != -100:
             raise ArgumentError(f"ignore_index is not supported for floating point target (got ignore_index="
@@ -61,13 +61,13 @@ def check_cross_entropy_args(input, target, weight, opts, compute_grad=False, gr
         expected = input.shape[1:] if input.dim() == 1 else input.shape[:1] + input.shape[2:]
         expected = () if input.dim() == 1 else expected
         if tuple(target.shape) != tuple(expected):
-            raise ValueError(f"target of class indices must have shape {tuple(expected)} for input of shape "
+            raise ArgumentError(f"target of class indices must have shape {tuple(expected)} for input of shape "
                              f"{tuple(input.shape)}, got {tuple(target.shape)}")
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError("weight must be a floating-point tensor of one weight per class")
         if weight.shape != (n_classes,):
-            raise ValueError(f"weight must have shape ({n_classes},), one per class, got {tuple(weight.shape)}")
+            raise ArgumentError(f"weight must have shape ({n_classes},), one per class, got {tuple(weight.shape)}")
         if weight.device != input.device:
             raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
         if grad_enabled and weight.requires_grad and not target.is_floating_point():
@@ -76,7 +76,7 @@ def check_cross_entropy_args(input, target, weight, opts, compute_grad=False, gr
     if opts.reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
     if not 0.0 <= opts.label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {opts.label_smoothing}")
+        raise ArgumentError(f"label_smoothing must be in [0, 1], got {opts.label_smoothing}")
     # chained comparisons, not math.isfinite: they are False for NaN too, and Dynamo traces them with dynamic=True
     if opts.softcap is not None and not 0 < opts.softcap < math.inf:
         raise ValueError(f"softcap must be a finite number > 0 or None, got {opts.softcap}")
