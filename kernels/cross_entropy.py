@@ -5,11 +5,12 @@ coefficients a_c (target weight, smoothing, probability targets) and A = sum_c a
     loss_i = sum_c a_c (lse - x_c) + z_loss lse^2,     dloss_i/dx_c = A p_c - a_c + 2 z_loss lse p_c.
 
 Memory passes over N x C logits of B bytes (all math in fp32, no N x C fp32 buffer):
-- forward with the gradient (reduction mean/sum): a program streams its row twice back to back
+- forward with the gradient (fp32 reduction mean/sum): a program streams its row twice back to back
   (online max and sum-exp, then loss and gradient; the second read is meant to hit L2) and writes
   the gradient once: 2B from DRAM.
 - forward without the gradient: B (2B with label smoothing or probability targets).
-- backward of reduction='none': B read + B written, from the saved per-row max and sum-exp.
+- backward that recomputes the gradient (reduction='none', and half-precision mean/sum with the upstream
+  factor folded in before the one rounding): B read + B written, from the saved per-row max and sum-exp.
 When there are too few rows to fill the GPU, rows are split into column chunks: one launch writes
 each chunk's max and sum-exp, the second combines them per row (the partials are N x chunks floats).
 lse is kept as (max, log sum-exp) throughout, so lse - x stays exact for large logits.

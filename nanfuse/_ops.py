@@ -17,8 +17,15 @@ import torch
 from torch import Tensor
 
 from . import clip
-from .cross_entropy import (CrossEntropyOptions, _implementation, forward_pass, input_grads, rows_backward,
-                            scale_grad, writes_grad_in_forward)
+from .cross_entropy import (
+    CrossEntropyOptions,
+    _implementation,
+    forward_pass,
+    input_grads,
+    rows_backward,
+    scale_grad,
+    writes_grad_in_forward,
+)
 from .softmax import rows_backward as softmax_rows_backward
 from .softmax import rows_forward as softmax_rows_forward
 

@@ -1,9 +1,11 @@
-"""nanfuse.cross_entropy: a drop-in for F.cross_entropy whose forward also writes the gradient.
+"""nanfuse.cross_entropy: a drop-in for F.cross_entropy whose forward writes the fp32 gradient.
 
-The logits are streamed once per row (online max-subtracted log-sum-exp in fp32); for reduction
-mean/sum the gradient is written in the same pass and is what backward keeps, so the usual
-loss.backward() moves two logits-sized passes in all (one read, one write) and no N x C softmax or
-fp32 copy is ever kept. Finite logits give a finite loss and gradient.
+The logits are streamed once per row (online max-subtracted log-sum-exp in fp32). For fp32 mean/sum the
+gradient is written in the same pass and is what backward keeps, so the usual loss.backward() moves two
+logits-sized passes in all. fp16/bf16 (and fp64, and reduction='none') keep the logits instead and backward
+recomputes the gradient in one read and one write, with the upstream factor folded in before the one
+rounding (see writes_grad_in_forward). No N x C softmax or fp32 copy is ever kept. Finite logits give a
+finite loss and gradient.
 """
 
 import dataclasses
@@ -126,15 +128,24 @@ def input_grads(logits, target, weight, scalars, opts, d_loss, needs):
 
 def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs):
     """(d/dlogits, d/dtarget, d/dweight) as differentiable functions of the inputs and d_loss: backward under
-    create_graph=True and torch.func. Forms N x C temporaries in the accumulation dtype."""
+    create_graph=True and torch.func. Forms N x C temporaries in the accumulation dtype. None where autograd
+    does not track the inputs (then a first-order gradient is all that can be asked for)."""
     from .fallback.cross_entropy import differentiable_row_losses
 
     with torch.enable_grad(), _backend.no_autocast(logits):
         rows = differentiable_row_losses(logits, target, weight, scalars, opts)
+        if not rows.requires_grad:  # autograd tracks nothing here (torch.func.vjp's function, called later)
+            return None
         inputs = [t for t, need in zip((logits, target, weight), needs) if need]
         grads = iter(torch.autograd.grad(rows, inputs, d_loss.expand_as(rows), create_graph=True,
                                          allow_unused=True, materialize_grads=True))
     return tuple(next(grads) if need else None for need in needs)
+
+
+def _unwrapped(tensor):
+    while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
 
 
 _NO_DOUBLE_BACKWARD = (
@@ -180,7 +191,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True, or torch.func: the gradient must be differentiable
             if logits is None or saved_grad is logits:
                 raise RuntimeError(_NO_DOUBLE_BACKWARD.format(opts.reduction))
-            return differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs) + (None,) * 3
+            grads = differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs)
+            if grads is not None:
+                return grads + (None,) * 3
+            # the kernels take plain tensors, not torch.func's wrappers of a transform that has ended
+            saved_grad, logits, target, weight, scalars, stats, d_loss = (
+                _unwrapped(t) for t in (saved_grad, logits, target, weight, scalars, stats, d_loss))
         d_logits = None
         if needs[0] and saved_grad is not None:
             in_place = _backend.uses_triton(saved_grad)

@@ -14,11 +14,11 @@ pytestmark = pytest.mark.skipif(
 
 def forward_ptx(in_place):
     import triton
+    from nanfuse.kernels import aot_check, cross_entropy
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from nanfuse.cross_entropy import CrossEntropyOptions
-    from nanfuse.kernels import aot_check, cross_entropy
 
     logits = torch.empty(8192, 32_000, dtype=torch.float32, device="meta")  # fp32 writes in forward
     grad = logits if in_place else torch.empty_like(logits)
