@@ -318,3 +318,16 @@ def test_registered_op_gives_target_gradients_and_refuses_double_backward():
         (g,) = torch.autograd.grad(nanfuse.cross_entropy(y, torch.tensor([1, 2, 3, 4])), y, create_graph=True)
         with pytest.raises(RuntimeError, match="no autograd formula"):
             g.sum().backward()
+
+
+def test_backward_ops_pass_opcheck():
+    from nanfuse import _ops
+
+    logits = torch.randn(5, 23)
+    probs = torch.softmax(torch.randn(5, 23), 1)
+    weight = torch.rand(23) + 0.5
+    _, grad, _, scalars = _ops._cross_entropy(logits.requires_grad_(), probs, weight, -100, "mean", 0.1, 0.0, None,
+                                              1.0, True)
+    torch.library.opcheck(_ops._cross_entropy_scale_grad, (grad, torch.tensor(0.5)))
+    torch.library.opcheck(_ops._cross_entropy_target_grads,
+                          (logits.detach(), probs, weight, scalars, torch.tensor(0.5), 0.1, None, 1.0, True, True))
