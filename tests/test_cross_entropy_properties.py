@@ -77,7 +77,7 @@ def reference(logits, target, opts, upstream):
     return loss.detach(), x.grad
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same draws on every run: no flaky CI
 @given(problem=problems())
 def test_cross_entropy_matches_the_oracle_and_the_other_path(problem):
     logits, target, opts, upstream = problem
@@ -86,7 +86,8 @@ def test_cross_entropy_matches_the_oracle_and_the_other_path(problem):
     ref_loss, ref_grad = reference(logits, target, opts, upstream)
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert loss.dtype == loss_dtype and grad.dtype == dtype
-    assert_close(loss, ref_loss, loss_dtype, "loss")
+    # the exact loss rounded to the loss dtype: inf where it is past fp32's range (the README's bound)
+    assert_close(loss, ref_loss.to(loss_dtype).double(), loss_dtype, "loss")
     if not target.is_floating_point():  # a documented deviation: ignored rows get exactly 0, NaN logits or not
         ignored = target == opts["ignore_index"]
         assert (grad[ignored] == 0).all()
