@@ -81,8 +81,10 @@ def streams_aligned_data(report):
         return {"x_ptr", "y_ptr", "x_row_stride", "n_cols"} <= aligned
     if report.kernel == "softmax_backward_kernel":
         return {"y_ptr", "dy_ptr", "dx_ptr", "dy_row_stride", "n_cols"} <= aligned
-    if report.kernel in ("scale_kernel", "sanitize_kernel"):
+    if report.kernel == "sanitize_kernel":
         return {"x_ptr", "n_elements"} <= aligned
+    if report.kernel == "scale_kernel":
+        return {"x_ptr", "out_ptr", "n_cols", "x_row_stride", "out_row_stride"} <= aligned
     streams = report.kernel == "cross_entropy_stats_kernel" or any(
         c.get(k) for k in ("COMPUTE_STATS", "WRITE_GRAD", "SMOOTHING", "PROB_TARGET"))
     return streams and {"logits_ptr", "logits_row_stride", "n_classes"} <= aligned
@@ -155,8 +157,10 @@ def shipped_launches(n_sms):
                 label = f"{'log_' if log else ''}softmax {name} 64x{n_classes}"
                 launches += [(label, launch) for launch in softmax.plan_forward(x, torch.empty_like(x), log)]
                 launches += [(label, launch) for launch in softmax.plan_backward(x, x, torch.empty_like(x), log)]
-        launches += [(f"scale {name}", launch) for launch in
-                     scale.plan_scale(torch.empty(10**6, dtype=dtype, **meta), torch.empty((), **meta))]
+        grad = torch.empty(64, 32_000, dtype=dtype, **meta)
+        for out, label in ((grad, "in place"), (torch.empty_like(grad), "out of place")):
+            launches += [(f"scale {label} {name}", launch) for launch in
+                         scale.plan_scale(grad, out, torch.empty((), **meta))]
         for shape in ((32, 32, 64), (33, 7)):  # a 16-divisible batch, and an odd one
             launches += [(f"sanitize {name} {shape}", launch) for launch in sanitize.plan_sanitize(
                 torch.empty(shape, dtype=dtype, **meta), torch.empty(shape[0], dtype=torch.uint8, **meta), 0.0)]

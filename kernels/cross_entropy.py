@@ -5,11 +5,12 @@ coefficients a_c (target weight, smoothing, probability targets) and A = sum_c a
     loss_i = sum_c a_c (lse - x_c) + z_loss lse^2,     dloss_i/dx_c = A p_c - a_c + 2 z_loss lse p_c.
 
 Memory passes over N x C logits of B bytes (all math in fp32, no N x C fp32 buffer):
-- forward with the gradient (reduction mean/sum): a program streams its row twice back to back
+- forward with the gradient (fp32 reduction mean/sum): a program streams its row twice back to back
   (online max and sum-exp, then loss and gradient; the second read is meant to hit L2) and writes
   the gradient once: 2B from DRAM.
 - forward without the gradient: B (2B with label smoothing or probability targets).
-- backward of reduction='none': B read + B written, from the saved per-row max and sum-exp.
+- backward that recomputes the gradient (reduction='none', and half-precision mean/sum with the upstream
+  factor folded in before the one rounding): B read + B written, from the saved per-row max and sum-exp.
 When there are too few rows to fill the GPU, rows are split into column chunks: one launch writes
 each chunk's max and sum-exp, the second combines them per row (the partials are N x chunks floats).
 lse is kept as (max, log sum-exp) throughout, so lse - x stays exact for large logits.
@@ -72,6 +73,15 @@ def _chunk_stats(logits_row_ptr, target_row_ptr, weight_ptr, col_start, col_end,
             mass += tl.sum(_dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
                                        PROB_TARGET, HAS_WEIGHT), 0)
     return m, s, mass
+
+
+@triton.jit
+def _weighted_gap(a, shift, x, log_s):
+    """a * (lse - x) with lse - x = (shift - x) + log_s, finite whenever the exact product fits in fp32: for
+    finite logits lse - x alone may overflow (x = -3e38 against a max of 3e38), so there it is formed halved."""
+    gap = (shift - x) + log_s
+    half = (0.5 * shift - 0.5 * x) + 0.5 * log_s
+    return tl.where((gap == float("inf")) & (x != float("-inf")), 2.0 * (a * half), a * gap)
 
 
 @triton.jit
@@ -185,7 +195,9 @@ def cross_entropy_kernel(
     shift, log_s = _row_lse(m, s)
     lse = shift + log_s
     if not PROB_TARGET:
-        mass = target_coef + smoothing * tl.load(scalars_ptr + 2) / n_classes
+        mass = target_coef
+        if SMOOTHING:  # only then: a NaN or Inf weight of a class no target uses must not reach the row
+            mass += smoothing * tl.load(scalars_ptr + 2) / n_classes
 
     ce_scale = tl.load(scalars_ptr)
     z_scale = tl.load(scalars_ptr + 1)
@@ -199,6 +211,8 @@ def cross_entropy_kernel(
         # the sweep overwrites the logits with the gradient: read the target's logit first (otherwise it is
         # read after the sweep, so that it does not hold a register across the loop)
         x_y = _load_logits(logits_row_ptr, y, y < n_classes, logit_scale, softcap, HAS_SOFTCAP)
+        # other warps of this program store into the row below: order this load before all of them
+        tl.debug_barrier()
 
     # 3. one sweep over the chunk: dense loss terms and the gradient
     dense_loss = tl.full([], 0.0, tl.float32)
@@ -212,7 +226,7 @@ def cross_entropy_kernel(
                 a = _dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
                                 PROB_TARGET, HAS_WEIGHT)
                 # a_c = 0 adds nothing, also where x_c = -inf (0 * inf is NaN)
-                dense_loss += tl.sum(a * tl.where(a != 0.0, (shift - x) + log_s, 0.0), 0)
+                dense_loss += tl.sum(tl.where(a != 0.0, _weighted_gap(a, shift, x, log_s), 0.0), 0)
             if WRITE_GRAD:
                 g = p_coef * tl.exp((x - shift) - log_s)
                 if SMOOTHING or PROB_TARGET:
@@ -234,7 +248,7 @@ def cross_entropy_kernel(
             if not GRAD_IN_PLACE:
                 x_y = _load_logits(logits_row_ptr, y, y < n_classes, logit_scale, softcap, HAS_SOFTCAP)
             owns_target = (y >= col_start) & (y < col_end) & (target_coef != 0.0)
-            ce += tl.where(owns_target, target_coef * ((shift - x_y) + log_s), 0.0)
+            ce += tl.where(owns_target, _weighted_gap(target_coef, shift, x_y, log_s), 0.0)
         loss = tl.where(ce_scale != 0.0, ce_scale * ce, 0.0)
         if chunk == 0:
             loss += tl.where(z_scale != 0.0, z_scale * z_loss * lse * lse, 0.0)
@@ -337,7 +351,8 @@ def plan_forward(logits, target, weight, scalars, opts, grad, n_sms):
 
 
 def plan_backward(logits, target, weight, scalars, opts, stats, grad_output, grad, n_sms):
-    """Launches of the reduction='none' backward: `grad` from the saved row statistics, one read, one write."""
+    """Launches of the recomputing backward: `grad` from the saved row statistics and the upstream gradient per
+    row (N,) (stride 0: one factor for all rows), one read, one write."""
     n_rows, n_classes = logits.shape
     if n_rows == 0:
         return []

@@ -1,4 +1,5 @@
-"""Scale a tensor in place by a factor that lives on the device: one read and one write, none if it is 1."""
+"""Scale the rows of a gradient by a factor that lives on the device: one read and one write, none when it is
+done in place and the factor is exactly 1 (read on the device)."""
 
 import triton
 import triton.language as tl
@@ -9,27 +10,38 @@ BLOCK_SIZE = 4096
 
 
 @triton.jit
-def scale_kernel(x_ptr, factor_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
-    """x *= factor, in fp32, skipping all memory traffic when factor is exactly 1 (read on the device)."""
+def _scale_block(x_ptr, out_ptr, factor, row, n_cols, x_row_stride, out_row_stride, BLOCK_SIZE: tl.constexpr):
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask).to(tl.float32)
+    tl.store(out_ptr + row * out_row_stride + cols, (x * factor).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scale_kernel(
+    x_ptr,  # (N, C), classes contiguous, rows x_row_stride apart
+    out_ptr,  # (N, C) out, rows out_row_stride apart; x_ptr itself when IN_PLACE
+    factor_ptr,  # 0-dim factor on the device
+    n_cols, x_row_stride, out_row_stride,
+    IN_PLACE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """Grid (N, column blocks): out = x * factor, formed in fp32 and rounded once."""
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 for large N x C
     factor = tl.load(factor_ptr).to(tl.float32)
-    if factor != 1.0:
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offsets < n_elements
-        x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
-        tl.store(x_ptr + offsets, (x * factor).to(x_ptr.dtype.element_ty), mask=mask)
+    if IN_PLACE:
+        if factor != 1.0:  # no memory traffic at all for a factor of 1
+            _scale_block(x_ptr, out_ptr, factor, row, n_cols, x_row_stride, out_row_stride, BLOCK_SIZE)
+    else:
+        _scale_block(x_ptr, out_ptr, factor, row, n_cols, x_row_stride, out_row_stride, BLOCK_SIZE)
 
 
-def plan_scale(x, factor):
-    """Launches for x *= factor (a 0-dim device tensor) without a host sync; x contiguous."""
-    n = x.numel()
-    if not n:
+def plan_scale(x, out, factor):
+    """Launches for out = x * factor without a host sync; x, out: (N, C) with contiguous classes and any row
+    stride (out may be x: in place), factor: a 0-dim device tensor."""
+    n_rows, n_cols = x.shape
+    if not x.numel():
         return []
-    return [Launch(scale_kernel, (triton.cdiv(n, BLOCK_SIZE),), dict(x_ptr=x, factor_ptr=factor, n_elements=n,
-                                                                     BLOCK_SIZE=BLOCK_SIZE),
-                   warps_for_block(BLOCK_SIZE))]
-
-
-def scale_(x, factor):
-    for launch in plan_scale(x, factor):
-        launch.run()
-    return x
+    block_size = min(BLOCK_SIZE, max(16, triton.next_power_of_2(n_cols)))
+    return [Launch(scale_kernel, (n_rows, triton.cdiv(n_cols, block_size)), dict(
+        x_ptr=x, out_ptr=out, factor_ptr=factor, n_cols=n_cols, x_row_stride=x.stride(0),
+        out_row_stride=out.stride(0), IN_PLACE=out is x, BLOCK_SIZE=block_size), warps_for_block(block_size))]

@@ -18,7 +18,15 @@ import torch
 from torch import Tensor
 
 from . import clip
-from .cross_entropy import CrossEntropyOptions, _implementation, forward_pass, rows_backward
+from .cross_entropy import (
+    CrossEntropyOptions,
+    _implementation,
+    forward_pass,
+    input_grads,
+    rows_backward,
+    scale_grad,
+    writes_grad_in_forward,
+)
 from .softmax import differentiable_rows_backward as softmax_differentiable_rows_backward
 from .softmax import needs_differentiable_backward as softmax_needs_differentiable_backward
 from .softmax import rows_backward as softmax_rows_backward
@@ -46,9 +54,9 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 
       compute_grad):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = logits.new_empty(logits.shape[:1] if reduction == "none" else (), dtype=acc)
-    has_grad = compute_grad and reduction != "none"
+    has_grad = compute_grad and writes_grad_in_forward(logits, _options(ignore_index, reduction, 0.0, 0.0, None, 1.0))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if has_grad else logits.new_empty(0)
-    stats = _implementation(logits)[0].empty_stats(logits, target)
+    stats = _implementation(logits).empty_stats(logits, target)
     return loss, grad, stats, logits.new_empty(3, dtype=acc)
 
 
@@ -57,24 +65,44 @@ def _cross_entropy_setup(ctx, inputs, output):
     _, grad, stats, scalars = output
     ctx.mark_non_differentiable(grad, stats, scalars)
     ctx.opts = _options(*options)
-    if ctx.opts.reduction == "none":
-        ctx.save_for_backward(logits, target, weight, scalars, stats)
-    else:
-        ctx.save_for_backward(grad)
+    writes_grad = writes_grad_in_forward(logits, ctx.opts)
+    keep_logits = not writes_grad or target.requires_grad or (weight is not None and weight.requires_grad)
+    ctx.save_for_backward(grad if writes_grad else None, logits if keep_logits else None, target, weight, scalars,
+                          stats)
 
 
 def _cross_entropy_backward(ctx, d_loss, *_):
-    if ctx.opts.reduction != "none":
-        (grad,) = ctx.saved_tensors
-        return (grad * d_loss,) + (None,) * 9  # 0-dim fp32 d_loss: fp32 product, grad's dtype
-    logits, target, weight, scalars, stats = ctx.saved_tensors
+    grad, logits, target, weight, scalars, stats = ctx.saved_tensors
     o = ctx.opts
-    d_logits = _cross_entropy_rows_backward(logits, target, weight, scalars, stats, d_loss, o.ignore_index,
-                                            o.label_smoothing, o.z_loss, o.softcap, o.logit_scale)
-    return (d_logits,) + (None,) * 9
+    d_logits = d_target = d_weight = None
+    if ctx.needs_input_grad[0] and grad is not None:
+        d_logits = _cross_entropy_scale_grad(grad, d_loss)
+    elif ctx.needs_input_grad[0]:
+        d_logits = _cross_entropy_rows_backward(logits, target, weight, scalars, stats, d_loss.expand(len(logits)),
+                                                o.ignore_index, o.label_smoothing, o.z_loss, o.softcap,
+                                                o.logit_scale)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        d_target, d_weight = _cross_entropy_target_grads(logits, target, weight, scalars, d_loss, o.label_smoothing,
+                                                         o.softcap, o.logit_scale, ctx.needs_input_grad[1],
+                                                         ctx.needs_input_grad[2])
+        d_target = d_target if ctx.needs_input_grad[1] else None
+        d_weight = d_weight if ctx.needs_input_grad[2] else None
+    return (d_logits, d_target, d_weight) + (None,) * 7
 
 
 _cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
+@torch.library.custom_op("nanfuse::cross_entropy_scale_grad", mutates_args=())
+def _cross_entropy_scale_grad(grad: Tensor, factor: Tensor) -> Tensor:
+    """The mean/sum gradient written by forward times the upstream factor, out of place."""
+    out = scale_grad(grad, factor, in_place=False)
+    return out.clone() if out is grad else out  # an op's output may not alias its input (CPU, factor 1)
+
+
+@_cross_entropy_scale_grad.register_fake
+def _(grad, factor):
+    return torch.empty_like(grad)
 
 
 @torch.library.custom_op("nanfuse::cross_entropy_rows_backward", mutates_args=())
@@ -89,6 +117,23 @@ def _cross_entropy_rows_backward(logits: Tensor, target: Tensor, weight: Tensor 
 @_cross_entropy_rows_backward.register_fake
 def _(logits, *_):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("nanfuse::cross_entropy_target_grads", mutates_args=())
+def _cross_entropy_target_grads(logits: Tensor, target: Tensor, weight: Tensor | None, scalars: Tensor,
+                                d_loss: Tensor, label_smoothing: float, softcap: float | None, logit_scale: float,
+                                need_target: bool, need_weight: bool) -> tuple[Tensor, Tensor]:
+    """(d/dtarget, d/dweight) of probability targets; an empty tensor for one not asked for."""
+    opts = _options(-100, "none", label_smoothing, 0.0, softcap, logit_scale)
+    d_target, d_weight = input_grads(logits, target, weight, scalars, opts, d_loss, (False, need_target, need_weight))
+    return (logits.new_empty(0) if d_target is None else d_target,
+            logits.new_empty(0) if d_weight is None else d_weight)
+
+
+@_cross_entropy_target_grads.register_fake
+def _(logits, target, weight, scalars, d_loss, label_smoothing, softcap, logit_scale, need_target, need_weight):
+    return (torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else logits.new_empty(0),
+            torch.empty_like(weight) if need_weight else logits.new_empty(0))
 
 
 def cross_entropy(logits, target, weight, opts):

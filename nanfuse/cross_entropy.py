@@ -1,9 +1,11 @@
-"""nanfuse.cross_entropy: a drop-in for F.cross_entropy whose forward also writes the gradient.
+"""nanfuse.cross_entropy: a drop-in for F.cross_entropy whose forward writes the fp32 gradient.
 
-The logits are streamed once per row (online max-subtracted log-sum-exp in fp32); for reduction
-mean/sum the gradient is written in the same pass and is what backward keeps, so the usual
-loss.backward() moves two logits-sized passes in all (one read, one write) and no N x C softmax or
-fp32 copy is ever kept. Finite logits give a finite loss and gradient.
+The logits are streamed once per row (online max-subtracted log-sum-exp in fp32). For fp32 mean/sum the
+gradient is written in the same pass and is what backward keeps, so the usual loss.backward() moves two
+logits-sized passes in all. fp16/bf16 (and fp64, and reduction='none') keep the logits instead and backward
+recomputes the gradient in one read and one write, with the upstream factor folded in before the one
+rounding (see writes_grad_in_forward). No N x C softmax or fp32 copy is ever kept. Finite logits give a
+finite loss and gradient.
 """
 
 import dataclasses
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from . import _backend
-from ._checks import check_cross_entropy_args
+from ._checks import check_cross_entropy_args, check_ignore_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,19 +31,12 @@ class CrossEntropyOptions:
 
 def _implementation(logits):
     if _backend.uses_triton(logits):
-        from .kernels import cross_entropy, scale
+        from .kernels import cross_entropy
 
-        return cross_entropy, scale.scale_
+        return cross_entropy
     from .fallback import cross_entropy
 
-    return cross_entropy, _scaled
-
-
-def _scaled(grad, factor):
-    """grad * factor out of place (so backward may run again), and no pass at all when factor is 1 on CPU."""
-    if _backend.may_read_values(factor) and factor.item() == 1.0:  # CPU: reading it costs no sync
-        return grad
-    return grad * factor  # a 0-dim fp32 factor: the product is formed in fp32, rounded once to grad's dtype
+    return cross_entropy
 
 
 def _scalars(target, weight, opts, n_rows, n_classes, dtype):
@@ -68,65 +63,170 @@ def _scalars(target, weight, opts, n_rows, n_classes, dtype):
     return torch.stack([inverse(ce_den), inverse(z_den), weight_sum.to(dtype)])
 
 
+def writes_grad_in_forward(logits, opts):
+    """True where forward writes the gradient and backward only scales it: reduction mean/sum on fp32 logits.
+
+    fp16/bf16 logits keep the logits instead, and backward recomputes the gradient with the upstream factor
+    (loss scale, 1/k, 1/num_items) folded in before the one rounding to half precision: a gradient rounded in
+    forward and scaled after would be rounded twice (fp16: p/N underflows before a loss scale can lift it).
+    fp64 recomputes too, so that double backward and gradgradcheck work. Same memory: the logits are kept
+    where the gradient would be; one more read of them.
+    """
+    return opts.reduction != "none" and logits.dtype == torch.float32
+
+
 def forward_pass(logits, target, weight, opts, compute_grad):
     """(loss, gradient or None, row statistics, normalisers): the forward shared by the autograd Function
-    and the registered op. The gradient is written only for mean/sum and when compute_grad is true.
+    and the registered op. The gradient is written only where writes_grad_in_forward and compute_grad say so.
     """
-    impl, _ = _implementation(logits)
+    impl = _implementation(logits)
     n_rows, n_classes = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     with _backend.no_autocast(logits):
         scalars = _scalars(target, weight, opts, n_rows, n_classes, acc)
         grad = None
-        if compute_grad and opts.reduction != "none":
+        if compute_grad and writes_grad_in_forward(logits, opts):
             grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
         row_loss, stats = impl.cross_entropy_forward(logits, target, weight, scalars, opts, grad)
     return (row_loss if opts.reduction == "none" else row_loss.sum()), grad, stats, scalars
 
 
+def scale_grad(grad, factor, in_place):
+    """The gradient forward wrote times the upstream factor, formed in fp32: one read and one write. The Triton
+    path works in place when asked (and then skips the pass for a factor of 1, read on the device); the PyTorch
+    path works out of place (and skips it then on CPU)."""
+    if not _backend.uses_triton(grad):
+        from .fallback.cross_entropy import scale_grad as scaled
+
+        return scaled(grad, factor)
+    from .kernels import scale
+
+    out = grad if in_place else torch.empty_like(grad, memory_format=torch.contiguous_format)
+    for launch in scale.plan_scale(grad, out, factor.to(torch.float32)):
+        launch.run()
+    return out
+
+
 def rows_backward(logits, target, weight, scalars, stats, grad_output, opts):
-    """Gradient of reduction='none' for the upstream row gradients, recomputed from the saved statistics."""
+    """The gradient recomputed from the logits and the saved row statistics, for the upstream gradient of each row
+    (reduction='none') or of the loss (mean/sum: a 0-dim grad_output, broadcast): one read, one write."""
+    grad_output = grad_output.expand(logits.shape[0])
     grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
     with _backend.no_autocast(logits):
-        _implementation(logits)[0].cross_entropy_backward(logits, target, weight, scalars, opts, stats,
-                                                          grad_output, grad)
+        _implementation(logits).cross_entropy_backward(logits, target, weight, scalars, opts, stats, grad_output,
+                                                       grad)
     return grad
 
 
+def input_grads(logits, target, weight, scalars, opts, d_loss, needs):
+    """(d/dtarget, d/dweight) for probability targets, each None unless `needs` asks for it (PyTorch ops)."""
+    from .fallback.cross_entropy import probability_target_grads
+
+    row_factor = d_loss * scalars[0].to(d_loss.dtype)  # (N,) for reduction='none' (normaliser 1), else 0-dim
+    return probability_target_grads(logits, target, weight, opts, row_factor, needs[1], needs[2])
+
+
+def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs):
+    """(d/dlogits, d/dtarget, d/dweight) as differentiable functions of the inputs and d_loss: backward under
+    create_graph=True and torch.func. Forms N x C temporaries in the accumulation dtype. None where autograd
+    does not track the inputs (then a first-order gradient is all that can be asked for)."""
+    from .fallback.cross_entropy import differentiable_row_losses
+
+    with torch.enable_grad(), _backend.no_autocast(logits):
+        rows = differentiable_row_losses(logits, target, weight, scalars, opts)
+        if not rows.requires_grad:  # autograd tracks nothing here (torch.func.vjp's function, called later)
+            return None
+        inputs = [t for t, need in zip((logits, target, weight), needs) if need]
+        grads = iter(torch.autograd.grad(rows, inputs, d_loss.expand_as(rows), create_graph=True,
+                                         allow_unused=True, materialize_grads=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def _unwrapped(tensor):
+    while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
+
+
+_NO_DOUBLE_BACKWARD = (
+    "nanfuse.cross_entropy: backward with create_graph=True (a double backward) needs the logits, which "
+    "reduction='{}' on fp32 logits does not keep (it keeps the gradient written in forward, in place of the "
+    "logits with inplace_backward=True); use reduction='none' and reduce the result yourself, which keeps the "
+    "logits and supports double backward")
+
+
 class CrossEntropyFunction(torch.autograd.Function):
-    """Autograd node of cross_entropy on (N, C) logits with contiguous classes (the eager path)."""
+    """Autograd node of cross_entropy on (N, C) logits with contiguous classes (the eager path).
+
+    forward returns (loss, gradient or an empty tensor, row statistics, normalisers); only the loss is
+    differentiable. keep_logits saves the logits for backward beyond reduction='none' (gradients of
+    probability targets, torch.func).
+    """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, opts):
-        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, ctx.needs_input_grad[0])
+    def forward(logits, target, weight, opts, compute_grad, keep_logits):
+        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad)
         if grad is not None and opts.inplace_backward:
             # the logits now hold the gradient: any op that saved them must fail loudly in backward
             torch.autograd.graph.increment_version(logits)
-        ctx.opts, ctx.scale, ctx.backward_done = opts, _implementation(logits)[1], False
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        elif ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits, target, weight, scalars, stats)
-        return loss
+        return loss, logits.new_empty(0) if grad is None or grad is logits else grad, stats, scalars
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, opts, compute_grad, keep_logits = inputs
+        _, grad, stats, scalars = output
+        ctx.mark_non_differentiable(grad, stats, scalars)
+        ctx.opts, ctx.backward_done = opts, False
+        saved_grad = None
+        if compute_grad and writes_grad_in_forward(logits, opts):
+            saved_grad = logits if opts.inplace_backward else grad
+        kept = logits if keep_logits or not writes_grad_in_forward(logits, opts) else None
+        ctx.save_for_backward(saved_grad, kept, target, weight, scalars, stats)
+
+    @staticmethod
+    def backward(ctx, d_loss, *_):
         opts = ctx.opts
-        if opts.reduction != "none":
-            if ctx.backward_done and ctx.scale is not _scaled:
+        saved_grad, logits, target, weight, scalars, stats = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True, or torch.func: the gradient must be differentiable
+            if logits is None or saved_grad is logits:
+                raise RuntimeError(_NO_DOUBLE_BACKWARD.format(opts.reduction))
+            grads = differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs)
+            if grads is not None:
+                return grads + (None,) * 3
+            # the kernels take plain tensors, not torch.func's wrappers of a transform that has ended
+            saved_grad, logits, target, weight, scalars, stats, d_loss = (
+                _unwrapped(t) for t in (saved_grad, logits, target, weight, scalars, stats, d_loss))
+        d_logits = None
+        if needs[0] and saved_grad is not None:
+            in_place = _backend.uses_triton(saved_grad)
+            if ctx.backward_done and in_place:
                 raise RuntimeError(
                     "nanfuse.cross_entropy: on the Triton path the gradient written in forward is scaled in "
-                    "place by backward, so "
-                    "it cannot run twice through the same graph (retain_graph=True); use reduction='none' "
-                    "and .sum()/.mean() the result instead")
+                    "place by backward, so it cannot run twice through the same graph (retain_graph=True); use "
+                    "reduction='none' and .sum()/.mean() the result instead")
             ctx.backward_done = True
-            (grad,) = ctx.saved_tensors
-            return ctx.scale(grad, grad_output), None, None, None
-        logits, target, weight, scalars, stats = ctx.saved_tensors
-        grad = rows_backward(logits, target, weight, scalars, stats, grad_output, opts)
-        if opts.inplace_backward:
-            torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None
+            d_logits = scale_grad(saved_grad, d_loss, in_place)
+        elif needs[0]:
+            d_logits = rows_backward(logits, target, weight, scalars, stats, d_loss, opts)
+            if opts.inplace_backward:
+                torch.autograd.graph.increment_version(logits)
+        d_target = d_weight = None
+        if needs[1] or needs[2]:
+            d_target, d_weight = input_grads(logits, target, weight, scalars, opts, d_loss, needs)
+        return d_logits, d_target, d_weight, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, weight, opts, compute_grad, keep_logits):
+        """torch.vmap: one call per batch entry (a per-sample loss), stacked."""
+        def entry(tensor, dim, b):
+            return tensor if dim is None or tensor is None else tensor.select(dim, b)
+
+        if not target.is_floating_point() and _check_targets(target):
+            _check_target_range(target, logits.shape[-1], opts.ignore_index)
+        outputs = [CrossEntropyFunction.apply(*(entry(t, d, b) for t, d in zip((logits, target, weight), in_dims)),
+                                              opts, compute_grad, keep_logits) for b in range(info.batch_size)]
+        return tuple(torch.stack(column) for column in zip(*outputs)), (0, 0, 0, 0)
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
@@ -139,11 +239,17 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     fp32 (fp64 for fp64 input); an empty or fully ignored batch gives 0.0, not NaN.
     Cost: one read of the logits, plus one write of the gradient when `input` requires grad.
     """
-    opts = CrossEntropyOptions(int(ignore_index), reduction, float(label_smoothing), float(z_loss),
+    opts = CrossEntropyOptions(check_ignore_index(ignore_index), reduction, float(label_smoothing), float(z_loss),
                                None if softcap is None else float(softcap), float(logit_scale),
                                bool(inplace_backward))
-    check_cross_entropy_args(input, target, weight, opts)
+    grad_enabled = torch.is_grad_enabled()
+    compute_grad = grad_enabled and input.requires_grad if isinstance(input, torch.Tensor) else False
+    check_cross_entropy_args(input, target, weight, opts, compute_grad, grad_enabled)
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    out_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+    if input.device.type == "meta":  # shapes only: F.cross_entropy gives them too
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        return input.new_empty(out_shape if reduction == "none" else (), dtype=acc)
     prob_target = target.is_floating_point()
     if input.dim() == 1:
         logits, flat_target = input.unsqueeze(0), target.unsqueeze(0)
@@ -152,25 +258,35 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     else:  # (N, C, d1, ...): classes last, one row per position
         logits = input.movedim(1, -1).reshape(-1, n_classes)
         flat_target = target.movedim(1, -1).reshape(-1, n_classes) if prob_target else target.reshape(-1)
-    if logits.stride(-1) != 1:
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
         logits = logits.contiguous()
     if prob_target and flat_target.stride(-1) != 1:
         flat_target = flat_target.contiguous()
     if weight is not None:
         weight = weight.contiguous()  # the kernels index it densely
+    in_transform = torch._C._functorch.peek_interpreter_stack() is not None  # torch.func: vmap, grad, ...
     if not prob_target:
         flat_target = flat_target.long().contiguous()  # the kernels read one index per row, densely
-        if _backend.may_read_values(flat_target) or os.environ.get("NANFUSE_CHECK_TARGETS") == "1":
+        if not in_transform and _check_targets(flat_target):  # under vmap: checked per entry by the vmap rule
             _check_target_range(flat_target, n_classes, opts.ignore_index)
     if _backend.through_registered_ops():
         from . import _ops
 
         loss = _ops.cross_entropy(logits, flat_target, weight, opts)
     else:
-        loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts)
+        # the logits are kept beyond reduction='none' where backward needs them: gradients of probability
+        # targets or weights, and torch.func transforms (whose backward must itself be differentiable)
+        keep_logits = grad_enabled and (flat_target.requires_grad or (weight is not None and weight.requires_grad)
+                                        or in_transform)
+        loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts, compute_grad, keep_logits)[0]
     if reduction == "none":  # one loss per position: (), (N,) or (N, d1, ...)
-        return loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
+        return loss.reshape(out_shape)
     return loss
+
+
+def _check_targets(target):
+    """Whether class indices are range-checked: where reading them is free (CPU), or on request (one sync)."""
+    return _backend.may_read_values(target) or os.environ.get("NANFUSE_CHECK_TARGETS") == "1"
 
 
 def _check_target_range(target, n_classes, ignore_index):

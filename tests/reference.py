@@ -17,8 +17,14 @@ def cross_entropy_ref(logits, target, weight=None, ignore_index=-100, reduction=
     n_rows, n_classes = x.shape
     eps = label_smoothing
     w = torch.ones(n_classes, dtype=torch.float64) if weight is None else weight.double()
-    lse = torch.logsumexp(x, dim=1)
-    gap = lse[:, None] - x  # lse - x_c
+    # lse - x_c as (max - x_c) + log sum_c exp(x_c - max): exact even where log(sum) is below an ulp of the max
+    # (torch.logsumexp's gradient there would be exp(x - lse) = 1 for every tied maximum). The max is a constant
+    # for autograd: the derivative of lse is softmax whatever it is.
+    row_max = x.detach().amax(1, keepdim=True).nan_to_num(0.0, 0.0, 0.0) if n_classes else x.detach()[:, :1]
+    row_max = torch.where(row_max.isinf(), 0.0, row_max)
+    log_sum = torch.log(torch.exp(x - row_max).sum(1, keepdim=True))
+    gap = (row_max - x) + log_sum  # lse - x_c
+    lse = (row_max + log_sum).squeeze(1)
     if target.is_floating_point():
         a = w * ((1 - eps) * target.double() + eps / n_classes)
         ce = (a * torch.where(a != 0, gap, 0.0)).sum(1)
@@ -34,13 +40,14 @@ def cross_entropy_ref(logits, target, weight=None, ignore_index=-100, reduction=
         ce = torch.where(valid, ce, 0.0)
         ce_den = torch.where(valid, w_y, 0.0).sum()
         z_den = valid.sum().double()
-    z = torch.where(valid, z_loss * lse**2, 0.0)
+    z = torch.where(valid, z_loss * lse**2, 0.0) if z_loss else torch.zeros_like(lse)
     if reduction == "none":
         return ce + z
     if reduction == "sum":
         return ce.sum() + z.sum()
-    ce_mean = ce.sum() / ce_den if ce_den != 0 else ce.sum() * 0.0
-    z_mean = z.sum() / z_den if z_den != 0 else z.sum() * 0.0
+    # each row divided first: the mean of fp64-sized losses fits even where their sum would not
+    ce_mean = (ce / ce_den).sum() if ce_den != 0 else ce.sum() * 0.0
+    z_mean = (z / z_den).sum() if z_den != 0 else z.sum() * 0.0
     return ce_mean + z_mean
 
 

@@ -60,7 +60,9 @@ class _RowTargets:
             self.dense = None
             if eps > 0:
                 self.dense = (eps / n_classes) * (torch.ones((), dtype=acc, device=target.device) if w is None else w)
-            self.mass = self.target_coef + eps * scalars[2] / n_classes
+            self.mass = self.target_coef
+            if eps > 0:  # only then: a NaN or Inf weight of a class no target uses must not reach the row
+                self.mass = self.mass + eps * scalars[2] / n_classes
         # ignored rows give exactly 0; a non-ignored out-of-range target poisons its row with NaN
         self.fill = torch.where(self.valid, float("nan"), 0.0).to(acc)
 
@@ -80,14 +82,26 @@ class _RowTargets:
         return torch.where(ok, value, fill)
 
 
-def _row_loss(logp, lse, rt, ce_scale, z_scale, opts):
-    """Normalised row losses of a chunk from its log-probabilities (lse - x_c is -logp_c)."""
+def _weighted_gap(a, logp, x, lse):
+    """a * (lse - x) with lse - x = -logp, finite whenever the exact product fits in fp32: for finite logits
+    -logp alone may overflow (x = -3e38 against a max of 3e38), so there it is formed halved."""
+    halved = 2.0 * (a * (0.5 * lse - 0.5 * x))
+    return torch.where(torch.isinf(logp) & torch.isfinite(x), halved, a * -logp)
+
+
+def _row_loss(x, logp, lse, rt, ce_scale, z_scale, opts):
+    """Normalised row losses of a chunk from its (transformed) logits, log-probabilities and lse (None when
+    there are no dense terms, no weight and no z_loss: then a_y = 1 and -logp_y overflows only with the loss)."""
     ce = torch.zeros_like(logp[:, 0])
     if rt.dense is not None:
-        ce = (rt.dense * torch.where(rt.dense != 0, -logp, 0.0)).sum(1)
+        ce = torch.where(rt.dense != 0, _weighted_gap(rt.dense, logp, x, lse.unsqueeze(1)), 0.0).sum(1)
     if rt.target_coef is not None:
         logp_y = logp.gather(1, rt.y).squeeze(1)
-        ce = ce + torch.where(rt.target_coef != 0, -rt.target_coef * logp_y, 0.0)
+        if lse is None:
+            target_term = -rt.target_coef * logp_y
+        else:
+            target_term = _weighted_gap(rt.target_coef, logp_y, x.gather(1, rt.y).squeeze(1).to(lse.dtype), lse)
+        ce = ce + torch.where(rt.target_coef != 0, target_term, 0.0)
     loss = torch.where(ce_scale != 0, ce_scale * ce, 0.0)
     if opts.z_loss:
         loss = loss + torch.where(z_scale != 0, z_scale * opts.z_loss * lse * lse, 0.0)
@@ -124,8 +138,15 @@ def _log_probs(chunk, opts, acc):
 
 
 def empty_stats(logits, target):
-    """The row statistics forward saves for backward: rows of lse (only with z_loss) and A."""
+    """The row statistics forward saves for backward: rows of lse (with z_loss, weights or dense terms) and A."""
     return torch.empty(2, logits.shape[0], dtype=_acc_dtype(logits), device=logits.device)
+
+
+def scale_grad(grad, factor):
+    """grad * factor out of place (so backward may run again), and no pass at all when factor is 1 on CPU."""
+    if may_read_values(factor) and factor.item() == 1.0:  # CPU: reading it costs no sync
+        return grad
+    return grad * factor  # a 0-dim factor: the product is formed in fp32 (fp64), rounded once to grad's dtype
 
 
 def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
@@ -142,10 +163,10 @@ def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
         x, logp = _log_probs(logits[rows], opts, acc)
         rt = _RowTargets(target[rows], weight, scalars, opts, n_classes, acc)
         lse = None
-        if opts.z_loss:
+        if opts.z_loss or rt.dense is not None or weight is not None:  # a target term a_y may be below 1
             lse = torch.logsumexp(logits[rows].to(acc) if x is None else x, 1)
             stats[0, rows] = lse
-        loss[rows] = _row_loss(logp, lse, rt, ce_scale, z_scale, opts)
+        loss[rows] = _row_loss(logits[rows] if x is None else x, logp, lse, rt, ce_scale, z_scale, opts)
         stats[1, rows] = rt.mass
         if grad is not None:
             _write_grad(grad[rows], logp.exp_(), x, lse, rt, ce_scale, z_scale, opts)
@@ -164,3 +185,57 @@ def cross_entropy_backward(logits, target, weight, scalars, opts, stats, grad_ou
         _write_grad(grad[rows], logp.exp_(), x, stats[0, rows], rt, scalars[0] * upstream, scalars[1] * upstream,
                     opts)
     return grad
+
+
+def probability_target_grads(logits, target, weight, opts, row_factor, need_target, need_weight):
+    """(d loss / d target, d loss / d weight) for probability targets, each None unless asked for, chunk by chunk:
+    d/dt_c = f (1 - eps) w_c (lse - x_c) and d/dw_c = sum_rows f ((1 - eps) t_c + eps / C) (lse - x_c), where f
+    is the row's upstream factor times the reduction's normaliser (`row_factor`, (N,) or 0-dim)."""
+    n_rows, n_classes = logits.shape
+    acc = _acc_dtype(logits)
+    eps = opts.label_smoothing
+    w = None if weight is None else weight.to(acc)
+    row_factor = row_factor.to(acc).expand(n_rows)
+    d_target = torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else None
+    d_weight = torch.zeros(n_classes, dtype=acc, device=logits.device) if need_weight else None
+    for rows in _row_chunks(n_rows, n_classes):
+        x, logp = _log_probs(logits[rows], opts, acc)
+        gap = logp.neg_().mul_(row_factor[rows].unsqueeze(1))  # f (lse - x_c)
+        if need_target:
+            d_target[rows] = gap * ((1.0 - eps) * (1.0 if w is None else w))
+        if need_weight:
+            d_weight += (gap * ((1.0 - eps) * target[rows].to(acc) + eps / n_classes)).sum(0)
+    return d_target, None if d_weight is None else d_weight.to(weight.dtype)
+
+
+def differentiable_row_losses(logits, target, weight, scalars, opts):
+    """The normalised row losses written with differentiable PyTorch ops (N x C temporaries, no chunking): what
+    backward differentiates when it must itself be differentiable (create_graph=True, torch.func)."""
+    n_classes = logits.shape[1]
+    acc = _acc_dtype(logits)
+    scalars = scalars.to(acc)
+    x = _transformed(logits, opts, acc)
+    lse = torch.logsumexp(x, 1)
+    gap = lse.unsqueeze(1) - x
+    eps = opts.label_smoothing
+    w = None if weight is None else weight.to(acc)
+    if target.dim() == 2:
+        a = (1.0 - eps) * target.to(acc) + eps / n_classes
+        a = a if w is None else a * w
+        ce = torch.where(a != 0, a * gap, 0.0).sum(1)
+        ok = torch.ones_like(lse, dtype=torch.bool)
+    else:
+        valid = target != opts.ignore_index
+        ok = valid & (target >= 0) & (target < n_classes)
+        y = torch.where(ok, target, 0).unsqueeze(1)
+        coef = (1.0 - eps) * (torch.ones_like(lse) if w is None else w[y.squeeze(1)])
+        ce = torch.where(coef != 0, coef * gap.gather(1, y).squeeze(1), 0.0)
+        if eps > 0:
+            dense = (eps / n_classes) * (torch.ones_like(x) if w is None else w.expand_as(x))
+            ce = ce + torch.where(dense != 0, dense * gap, 0.0).sum(1)
+        ce = torch.where(ok | ~valid, ce, float("nan"))
+        ok = valid
+    loss = torch.where(scalars[0] != 0, scalars[0] * ce, 0.0)
+    if opts.z_loss:
+        loss = loss + torch.where(scalars[1] != 0, scalars[1] * opts.z_loss * lse * lse, 0.0)
+    return torch.where(ok, loss, 0.0)

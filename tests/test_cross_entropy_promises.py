@@ -1,0 +1,333 @@
+"""nanfuse.cross_entropy at the edges: no gradient work without a gradient, in-place safety, second
+derivatives, gradients of probability targets, PyTorch's argument rules, meta tensors, torch.func, and the
+exact bound of the finiteness promise. Each test names the item of issue 12 it covers.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+from reference import cross_entropy_ref
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nanfuse
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+class Allocations(TorchDispatchMode):
+    """The shapes of every tensor an aten op creates from nothing (empty, empty_like, zeros, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(name in func.__name__ for name in ("empty", "zeros", "full", "ones")) and isinstance(out, torch.Tensor):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+# ---------------------------------------------------------------- item 2: no gradient, no gradient work
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "detached"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_gradient_work_and_no_write_without_a_gradient(mode, reduction, dtype):
+    h = torch.randn(16, 300, requires_grad=True)
+    logits = (h * 2).to(dtype)  # a non-leaf that requires grad: inplace_backward is allowed on it
+    before = logits.detach().clone()
+    target = torch.randint(0, 300, (16,))
+    context = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+               "detached": torch.enable_grad()}[mode]
+    x = logits.detach() if mode == "detached" else logits
+    with Allocations() as trace, context:
+        loss = nanfuse.cross_entropy(x, target, reduction=reduction, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)  # nothing written into the logits
+    assert (16, 300) not in trace.shapes  # no gradient buffer
+    assert loss.grad_fn is None
+    assert_close(loss, cross_entropy_ref(before.double(), target, reduction=reduction), torch.float32, "loss")
+
+
+# ---------------------------------------------------------------- item 3: inplace_backward and strides
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_backward_on_strided_rows(reduction, dtype):
+    n_rows, n_classes = 6, 300
+    leaf = torch.randn(n_rows, 2 * n_classes, requires_grad=True)
+    big = (leaf * 3).to(dtype)  # (N, 2C); the logits are its left half: rows 2C apart
+    big.retain_grad()
+    outside = big[:, n_classes:].detach().clone()
+    logits = big[:, :n_classes]
+    target = torch.randint(0, n_classes, (n_rows,))
+    loss = nanfuse.cross_entropy(logits, target, reduction=reduction, inplace_backward=True)
+    upstream = torch.rand_like(loss) + 0.25 if reduction == "none" else torch.tensor(0.5)
+    (loss * upstream).sum().backward()
+    assert torch.equal(big.detach()[:, n_classes:], outside)  # memory outside the view untouched
+    x_ref = (leaf.detach()[:, :n_classes] * 3).to(dtype).double().requires_grad_()
+    (cross_entropy_ref(x_ref, target, reduction=reduction) * upstream.double()).sum().backward()
+    assert_close(leaf.grad[:, :n_classes], (x_ref.grad * 3).double(), dtype, "grad")
+    assert (leaf.grad[:, n_classes:] == 0).all()
+
+
+def test_inplace_backward_refuses_probability_targets_that_require_grad():
+    logits = torch.randn(3, 8, requires_grad=True) * 1
+    target = torch.softmax(torch.randn(3, 8), 1).requires_grad_()
+    with pytest.raises(ValueError, match="inplace_backward"):
+        nanfuse.cross_entropy(logits, target, inplace_backward=True)
+
+
+def test_inplace_backward_refuses_expanded_logits():
+    leaf = torch.randn(1, 50, requires_grad=True)
+    logits = (leaf * 1).expand(4, 50)  # stride 0 rows: one gradient row cannot hold four
+    with pytest.raises(ValueError, match="inplace_backward"):
+        nanfuse.cross_entropy(logits, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
+
+
+# ---------------------------------------------------------------- item 4: second derivatives
+
+
+def gradient_penalty(ce, x, target, **kwargs):
+    (g,) = torch.autograd.grad(ce(x, target, **kwargs), x, create_graph=True)
+    return (g * g).sum()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_double_backward_gives_pytorchs_values(reduction, dtype):
+    # a gradient penalty through the loss: the logits depend on a leaf, the penalty on the gradient
+    leaf = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 8, -100, 3, 3])
+    kwargs = dict(reduction=reduction, label_smoothing=0.1)
+
+    def penalty(ce):
+        x = (leaf * 2).to(dtype)
+        out = ce(x, target, **kwargs)
+        out = out.sum() if reduction == "none" else out
+        (g,) = torch.autograd.grad(out, x, create_graph=True)
+        (d,) = torch.autograd.grad((g.double() ** 2).sum(), leaf)
+        return d
+
+    def reference(x, target, **kwargs):  # the float64 oracle on the same (rounded) logits
+        return cross_entropy_ref(x.double(), target, **kwargs)
+
+    ours, expected = penalty(nanfuse.cross_entropy), penalty(reference)
+    assert ours.abs().max() > 0
+    assert_close(ours, expected, dtype if dtype == torch.float64 else torch.bfloat16, "d penalty / d leaf")
+    if dtype == torch.float64:  # PyTorch's own value
+        assert_close(ours, penalty(F.cross_entropy), torch.float64, "against F.cross_entropy")
+
+
+@pytest.mark.skipif(nanfuse.current_backend() == "interpret",
+                    reason="float64 takes the PyTorch path on every backend; the default pass runs this")
+def test_gradgradcheck_in_float64():
+    logits = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 6, -100, 3])
+    weight = torch.rand(7, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(4, 7, dtype=torch.float64), 1).requires_grad_()
+    for reduction in ["mean", "sum", "none"]:
+        def loss(x, reduction=reduction):
+            return nanfuse.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=0.1, z_loss=0.01,
+                                         softcap=3.0, logit_scale=1.3)
+
+        assert torch.autograd.gradgradcheck(loss, (logits,))
+
+        def soft(x, t, reduction=reduction):
+            return nanfuse.cross_entropy(x, t, weight, reduction=reduction, label_smoothing=0.2)
+
+        assert torch.autograd.gradcheck(soft, (logits, probs))
+        assert torch.autograd.gradgradcheck(soft, (logits, probs))
+
+
+def test_double_backward_where_logits_are_not_kept_is_a_clear_error():
+    # fp32 mean/sum keep the gradient written in forward, not the logits: a silent 0 would be the alternative
+    x = torch.randn(4, 9, requires_grad=True)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        gradient_penalty(nanfuse.cross_entropy, x * 1, torch.tensor([0, 1, 2, 3]))
+
+
+# ---------------------------------------------------------------- item 5: gradients of probability targets
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("logits_grad", [True, False], ids=["both", "target-only"])
+def test_probability_targets_get_their_gradient(reduction, logits_grad):
+    torch.manual_seed(0)
+    x = torch.randn(6, 40, requires_grad=logits_grad)
+    t = torch.softmax(torch.randn(6, 40), 1).requires_grad_()
+    w = (torch.rand(40) + 0.5).requires_grad_()
+    kwargs = dict(reduction=reduction, label_smoothing=0.1)
+    results = []
+    for ce in (nanfuse.cross_entropy, F.cross_entropy):
+        loss = ce(x, t, w, **kwargs)
+        upstream = torch.linspace(0.5, 2, loss.numel()).reshape(loss.shape)
+        inputs = [t, w] + ([x] if logits_grad else [])
+        results.append(torch.autograd.grad(loss, inputs, upstream))
+    for ours, theirs, what in zip(*results, ["target", "weight", "logits"]):
+        assert_close(ours, theirs.double(), torch.float32, f"d/d{what}")
+
+
+# ---------------------------------------------------------------- item 6: a NaN/Inf weight of an unused class
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_weight_of_an_unused_class_stays_out(bad, dtype):
+    x = (torch.randn(5, 12) * 2).to(dtype).requires_grad_()
+    target = torch.tensor([0, 3, 5, 5, -100])
+    weight = torch.rand(12) + 0.5
+    weight[7] = bad  # no target is class 7
+    for reduction in ["mean", "sum", "none"]:
+        loss = nanfuse.cross_entropy(x, target, weight, reduction=reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        ref = F.cross_entropy(x.float(), target, weight, reduction=reduction)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), x)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        assert_close(loss, ref.double(), torch.float32, "loss")
+        assert_close(grad, ref_grad.double(), dtype, "grad")
+
+
+# ---------------------------------------------------------------- item 10: the finiteness bound
+
+FP32_MAX = torch.finfo(torch.float32).max
+FP32_OVERFLOW = 2.0**128 - 2.0**103  # the smallest value that rounds to inf in fp32: max + half an ulp
+
+
+@pytest.mark.parametrize("magnitude", [1e38, 3e38, FP32_MAX])
+@pytest.mark.parametrize("smoothing", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("probability", [False, True])
+def test_finite_logits_give_a_finite_loss_when_every_term_fits(magnitude, smoothing, probability):
+    # the README's promise: finite whenever every exact a_c * (lse - x_c), and the loss, fit in fp32.
+    # lse - x_c itself is 2 * magnitude here, beyond fp32 for magnitude > fp32 max / 2
+    logits = torch.tensor([[magnitude, -magnitude, 0.0]])
+    target = torch.tensor([[0.8, 0.0, 0.2]]) if probability else torch.tensor([0])
+    loss = nanfuse.cross_entropy(logits, target, label_smoothing=smoothing, reduction="none")
+    exact = cross_entropy_ref(logits.double(), target.double() if probability else target,
+                              label_smoothing=smoothing, reduction="none")
+    x = logits.double()
+    gap = torch.logsumexp(x, 1, keepdim=True) - x  # lse - x_c, exactly
+    dense = target.double() if probability else F.one_hot(target, 3).double()
+    terms = ((1 - smoothing) * dense + smoothing / 3) * gap  # a_c * (lse - x_c)
+    if terms.max() < FP32_OVERFLOW and exact.max() < FP32_OVERFLOW:
+        assert torch.isfinite(loss).all()
+        assert_close(loss, exact, torch.float32, "loss")
+    else:
+        assert loss[0] == float("inf")
+
+
+# ---------------------------------------------------------------- item 12: meta tensors
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(7,), (4, 7), (2, 7, 3, 5)])
+def test_meta_tensors_give_shaped_meta_results(shape, reduction):
+    x = torch.empty(shape, device="meta", requires_grad=True)
+    target = torch.empty(shape[:1] + shape[2:] if len(shape) > 1 else (), dtype=torch.long, device="meta")
+    for t in (target, torch.empty(shape, device="meta")):
+        ours = nanfuse.cross_entropy(x, t, reduction=reduction)
+        theirs = F.cross_entropy(x, t, reduction=reduction)
+        assert ours.device.type == "meta" and ours.shape == theirs.shape and ours.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- item 13: PyTorch's argument rules
+
+
+def _raises_like_pytorch(call):
+    x = torch.randn(3, 5, requires_grad=True)
+    with pytest.raises(Exception) as theirs:
+        call(F.cross_entropy, x)
+    with pytest.raises(type(theirs.value)) as ours:
+        call(nanfuse.cross_entropy, x)
+    return ours.value
+
+
+@pytest.mark.parametrize("call, names", [
+    (lambda ce, x: ce(x, torch.softmax(torch.randn(3, 5), 1), ignore_index=2), "ignore_index"),
+    (lambda ce, x: ce(x, torch.tensor([1, 2, 3]), ignore_index=1.5), "ignore_index"),
+    (lambda ce, x: ce(x, torch.tensor([1, 2, 3]), ignore_index=True), "ignore_index"),
+    (lambda ce, x: ce(x, torch.tensor([1, 2, 3]), ignore_index=2**70), "ignore_index"),
+    (lambda ce, x: ce(x, torch.tensor([1, 2, 3]), weight=torch.rand(5, requires_grad=True)), "weight"),
+    (lambda ce, x: ce(x.detach(), torch.tensor([1, 2, 3]), weight=torch.rand(5, requires_grad=True)), "weight"),
+], ids=["probabilities-with-ignore_index", "float-ignore_index", "bool-ignore_index", "huge-ignore_index",
+        "weight-requires-grad", "weight-requires-grad-only"])
+def test_argument_errors_have_pytorchs_class_and_name_the_argument(call, names):
+    assert names in str(_raises_like_pytorch(call))
+
+
+def test_argument_rules_pytorch_accepts_are_accepted():
+    x = torch.randn(3, 5)
+    t = torch.tensor([1, 2, 3])
+    for kwargs in [dict(ignore_index=torch.tensor(2)), dict(ignore_index=-100)]:
+        assert_close(nanfuse.cross_entropy(x, t, **kwargs), F.cross_entropy(x, t, **kwargs).double())
+    with torch.no_grad():  # a weight that requires grad is fine where nothing is recorded
+        w = torch.rand(5, requires_grad=True)
+        assert_close(nanfuse.cross_entropy(x, t, w), F.cross_entropy(x, t, w).double())
+
+
+# ---------------------------------------------------------------- item 15: torch.func
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_func_vmap_and_per_sample_gradients(reduction):
+    from torch.func import grad, vjp, vmap
+
+    x = torch.randn(5, 4, 7)
+    t = torch.randint(0, 7, (5, 4))
+    t[0, 0] = -100
+    kwargs = dict(reduction=reduction, label_smoothing=0.1)
+    ours = vmap(lambda xx, tt: nanfuse.cross_entropy(xx, tt, **kwargs))(x, t)
+    theirs = vmap(lambda xx, tt: F.cross_entropy(xx, tt, **kwargs))(x, t)
+    assert_close(ours, theirs.double())
+    per_sample = [vmap(grad(lambda xx, tt: ce(xx, tt, **kwargs).sum()))(x, t)
+                  for ce in (nanfuse.cross_entropy, F.cross_entropy)]
+    assert_close(per_sample[0], per_sample[1].double())
+    shared_target = grad(lambda xx: nanfuse.cross_entropy(xx, t[1], **kwargs).sum())(x[1])
+    assert_close(shared_target, per_sample[1][1].double())
+    ours_vjp = vjp(lambda xx: nanfuse.cross_entropy(xx, t[2], **kwargs), x[2])[1](torch.tensor(0.5).expand(
+        ours[2].shape))[0]
+    assert_close(ours_vjp, per_sample[1][2].double() * 0.5)
+
+
+def test_torch_func_jvp_is_a_documented_limit():
+    from torch.func import jvp
+
+    x = torch.randn(4, 7)
+    with pytest.raises(NotImplementedError, match="jvp"):
+        jvp(lambda xx: nanfuse.cross_entropy(xx, torch.tensor([0, 1, 2, 3])), (x,), (torch.ones_like(x),))
+
+
+# ---------------------------------------------------------------- the registered op (what torch.compile runs)
+
+
+def test_registered_op_gives_target_gradients_and_refuses_double_backward():
+    from nanfuse._backend import registered_ops
+
+    x = torch.randn(4, 9, requires_grad=True)
+    t = torch.softmax(torch.randn(4, 9), 1).requires_grad_()
+    with registered_ops():
+        for reduction in ["mean", "none"]:
+            ours = torch.autograd.grad(nanfuse.cross_entropy(x, t, reduction=reduction).sum(), [x, t])
+            theirs = torch.autograd.grad(F.cross_entropy(x, t, reduction=reduction).sum(), [x, t])
+            for a, b in zip(ours, theirs):
+                assert_close(a, b.double(), torch.float32)
+        y = x.double()
+        (g,) = torch.autograd.grad(nanfuse.cross_entropy(y, torch.tensor([1, 2, 3, 4])), y, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            g.sum().backward()
+
+
+def test_backward_ops_pass_opcheck():
+    from nanfuse import _ops
+
+    logits = torch.randn(5, 23)
+    probs = torch.softmax(torch.randn(5, 23), 1)
+    weight = torch.rand(23) + 0.5
+    _, grad, _, scalars = _ops._cross_entropy(logits.requires_grad_(), probs, weight, -100, "mean", 0.1, 0.0, None,
+                                              1.0, True)
+    torch.library.opcheck(_ops._cross_entropy_scale_grad, (grad, torch.tensor(0.5)))
+    torch.library.opcheck(_ops._cross_entropy_target_grads,
+                          (logits.detach(), probs, weight, scalars, torch.tensor(0.5), 0.1, None, 1.0, True, True))
