@@ -43,13 +43,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _mark(case_id, waits_on=None):
-    """The case, marked xfail when it waits on the cross-entropy part of issue 12 (fixed in its own branch)."""
-    if waits_on is None:
-        return case_id
-    return pytest.param(case_id, marks=pytest.mark.xfail(strict=False, reason=f"issue 12 item {waits_on}"))
-
-
 @functools.cache
 def _op_samples(name, variant, dtype):
     with torch.random.fork_rng():
@@ -69,10 +62,8 @@ def _op_cases():
     for name, variant in OPS:
         for dtype in DTYPES:
             for index, sample in enumerate(_op_samples(name, variant, dtype)):
-                soft_target = name == "nn.functional.cross_entropy" and sample.args[0].is_floating_point()
                 for layout in ("contiguous", "noncontiguous"):
-                    yield _mark(f"{name}-{variant or 'plain'}-{str(dtype)[6:]}-{index}-{layout}",
-                                5 if soft_target else None)  # item 5: the gradient of a probability target
+                    yield f"{name}-{variant or 'plain'}-{str(dtype)[6:]}-{index}-{layout}"
 
 
 def _rows(input):
@@ -84,7 +75,7 @@ def _module_cases():
         for sample in _module_samples(dtype):
             if INTERPRETING and _rows(sample.forward_input.args[0]) > MAX_INTERPRETED_ROWS:
                 continue
-            yield _mark(f"CrossEntropyLoss-{str(dtype)[6:]}-{sample.desc}", 5 if "prob_target" in sample.desc else None)
+            yield f"CrossEntropyLoss-{str(dtype)[6:]}-{sample.desc}"
 
 
 def _copy(value, double=False, requires_grad=None):
@@ -190,9 +181,7 @@ def _error_inputs():
                                                             requires_grad=False, training=True))
 
 
-# item 13: PyTorch's exception classes (RuntimeError where nanfuse raises ValueError; ignore_index with soft targets)
-@pytest.mark.parametrize("case", [_mark(f"CrossEntropyLoss-error-{i}", None if e.error_type is ValueError else 13)
-                                  for i, e in enumerate(_error_inputs())])
+@pytest.mark.parametrize("case", [f"CrossEntropyLoss-error-{i}" for i in range(len(_error_inputs()))])
 def test_cross_entropy_loss_error_input(case):
     error_input = _error_inputs()[int(case.rsplit("-", 1)[1])]
     sample = error_input.module_error_input
@@ -203,7 +192,6 @@ def test_cross_entropy_loss_error_input(case):
         nanfuse.CrossEntropyLoss(**kwargs)(*sample.forward_input.args)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12 item 13")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_weight_that_requires_grad_raises_like_pytorch(reduction, dtype):
