@@ -61,11 +61,13 @@ def differentiable_rows_backward(y, dy, log):
 
 
 def needs_differentiable_backward(*tensors):
-    """True when backward must build a graph (create_graph=True) or runs under a torch.func transform:
-    the kernels write into plain tensors, which neither autograd nor functorch can see through."""
+    """True when backward must build a graph (create_graph=True), runs under a torch.func transform, or gets
+    a batch of upstream gradients: the kernels write into plain tensors, which neither autograd nor vmap can
+    see through."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return True
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    functorch = torch._C._functorch  # is_grads_batched and jacobian(vectorize=True) use autograd's legacy vmap
+    return any(functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors)
 
 
 def _tangent(y, dx, log):

@@ -266,3 +266,19 @@ def test_backward_takes_the_path_its_forward_took(monkeypatch):
         y = nanfuse.softmax(x)
     y.backward(torch.randn_like(y))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("through_op", [False, True], ids=["eager", "registered_op"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_batched_gradients_match_pytorch(log, through_op):
+    # autograd's own vmap over upstream gradients: the backward gets a batch, which the kernels cannot take
+    x = torch.randn(2, 3, requires_grad=True)
+    eye = torch.eye(6).reshape(6, 2, 3)
+    with registered_ops(through_op):
+        (jac,) = torch.autograd.grad(_op(log)(x, 1), x, eye, is_grads_batched=True)
+        jac_vectorized = torch.autograd.functional.jacobian(lambda t: _op(log)(t, 1), x.detach(), vectorize=True)
+        assert torch.autograd.gradcheck(lambda t: _op(log)(t, 1), (x.detach().double().requires_grad_(),),
+                                        check_batched_grad=True)
+    (jac_torch,) = torch.autograd.grad(_torch_op(log)(x, 1), x, eye, is_grads_batched=True)
+    torch.testing.assert_close(jac, jac_torch)
+    torch.testing.assert_close(jac_vectorized, jac_torch.reshape(2, 3, 2, 3))
