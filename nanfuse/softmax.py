@@ -111,7 +111,7 @@ class SoftmaxFunction(torch.autograd.Function):
     def vmap(info, in_dims, x, log):
         """Batched rows are just more rows: fold the batch dim into the row dim."""
         batched = x.movedim(in_dims[0], 0)
-        rows = batched.reshape(-1, batched.shape[-1])
+        rows = batched.reshape(math.prod(batched.shape[:-1]), batched.shape[-1])  # -1 is ambiguous for 0 classes
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         return SoftmaxFunction.apply(rows, log).reshape(batched.shape), 0

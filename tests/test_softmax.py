@@ -168,6 +168,15 @@ def test_zero_length_dims_give_empty_results(shape, dim, log):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("shape, dim", [((3, 0), 0), ((3, 2, 0), 1), ((0, 4), 0), ((3, 0, 2), 0)])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_vmap_over_zero_length_dims(shape, dim, log):
+    x = torch.randn(shape)
+    y = torch.func.vmap(lambda t: _op(log)(t, dim))(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, torch.func.vmap(lambda t: _torch_op(log)(t, dim))(x))
+
+
 @pytest.mark.parametrize("through_op", [False, True], ids=["eager", "registered_op"])
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_meta_tensors_give_meta_results(log, through_op):
