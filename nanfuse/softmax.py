@@ -26,12 +26,14 @@ def _implementation(use_triton):
     return softmax
 
 
-def rows_forward(x, log):
-    """(log-)softmax of each row of a 2-D tensor with contiguous rows, into a new tensor of x's dtype."""
+def rows_forward(x, log, use_triton=None):
+    """(log-)softmax of each row of a 2-D tensor with contiguous rows, into a new tensor of x's dtype (by the
+    kernels or the chunked PyTorch path; `use_triton` default the backend's choice for x)."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel() and x.device.type != "meta":  # a meta tensor has no values to compute
+        use_triton = _backend.uses_triton(x) if use_triton is None else use_triton
         with _backend.no_autocast(x):
-            _implementation(_backend.uses_triton(x)).softmax_forward(x, y, log)
+            _implementation(use_triton).softmax_forward(x, y, log)
     return y
 
 
@@ -121,7 +123,8 @@ def _rows(x, log):
     if _backend.through_registered_ops():
         from . import _ops
 
-        return _ops.softmax(x, log)
+        # chosen here, where torch.compile guards on the backend, and kept for backward (another thread on CUDA)
+        return _ops.softmax(x, log, _backend.uses_triton(x))
     return SoftmaxFunction.apply(x, log)
 
 

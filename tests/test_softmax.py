@@ -291,3 +291,28 @@ def test_batched_gradients_match_pytorch(log, through_op):
     (jac_torch,) = torch.autograd.grad(_torch_op(log)(x, 1), x, eye, is_grads_batched=True)
     torch.testing.assert_close(jac, jac_torch)
     torch.testing.assert_close(jac_vectorized, jac_torch.reshape(2, 3, 2, 3))
+
+
+@pytest.mark.parametrize("through", ["eager", "registered_op", "compiled"])
+def test_backward_keeps_forwards_choice_when_the_backend_changes(through, monkeypatch):
+    # forward in a use_backend("torch") block, backward where the backend would pick the kernels: backward
+    # must not ask again (the registered op, which torch.compile calls, used to)
+    import sys
+
+    from nanfuse import _backend
+
+    module = sys.modules["nanfuse.softmax"]
+    chosen, original = [], module._implementation
+    monkeypatch.setattr(module, "_implementation", lambda use_triton: chosen.append(use_triton) or original(False))
+    def f(t):
+        return nanfuse.softmax(t * 2, -1)
+
+    if through == "compiled":
+        torch._dynamo.reset()
+        f = torch.compile(f, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 5, requires_grad=True)
+    with registered_ops(through == "registered_op"), nanfuse.use_backend("torch"):
+        y = f(x)
+    monkeypatch.setattr(_backend, "uses_triton", lambda tensor: True)
+    y.backward(torch.randn_like(y))
+    assert chosen == [False, False]
