@@ -7,6 +7,7 @@ itself be differentiated (create_graph=True, torch.func transforms) runs the sam
 """
 
 import math
+import operator
 
 import torch
 
@@ -14,8 +15,9 @@ from . import _backend
 from ._checks import check_logits
 
 
-class UnsupportedDtypeError(TypeError, NotImplementedError):
-    """An input dtype softmax does not take: a TypeError, and the NotImplementedError PyTorch raises."""
+class UnsupportedInputError(TypeError, NotImplementedError):
+    """An input dtype or layout softmax does not take (integer, float8, sparse): a TypeError, and the
+    NotImplementedError PyTorch raises."""
 
 
 def _implementation(use_triton):
@@ -129,9 +131,14 @@ def _rows(x, log):
 
 
 def _checked_dim(input, dim):
-    """dim as a non-negative index, with PyTorch's rules: an int in [-ndim, ndim) (a 0-dim tensor counts as 1-dim)."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    """dim as a non-negative index, with PyTorch's rules: an integer (an int, a NumPy integer, a 0-dim integer
+    tensor; not a bool) in [-ndim, ndim) (a 0-dim tensor counts as 1-dim)."""
+    if isinstance(dim, bool) or (isinstance(dim, torch.Tensor) and dim.dim() != 0):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    try:
+        dim = operator.index(dim)
+    except TypeError:
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}") from None
     n_dims = max(input.dim(), 1)
     if not -n_dims <= dim < n_dims:
         raise IndexError(f"dim out of range: expected an int in [{-n_dims}, {n_dims - 1}] for a "
@@ -139,14 +146,21 @@ def _checked_dim(input, dim):
     return dim % n_dims
 
 
+def _is_supported_float(dtype):
+    return dtype.is_floating_point and dtype.itemsize >= 2  # float8 has no softmax in PyTorch either
+
+
 def _apply(input, dim, dtype, log):
     if dtype is not None:
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise UnsupportedDtypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+        if not (isinstance(dtype, torch.dtype) and _is_supported_float(dtype)):
+            raise UnsupportedInputError(f"dtype must be a floating-point torch.dtype of 16 bits or more, got {dtype}")
         if isinstance(input, torch.Tensor):
             input = input.to(dtype)  # as PyTorch: cast first; the gradient flows back in input's own dtype
-    if isinstance(input, torch.Tensor) and not input.is_floating_point():
-        raise UnsupportedDtypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if isinstance(input, torch.Tensor):
+        if not _is_supported_float(input.dtype):
+            raise UnsupportedInputError(f"input must be a floating-point tensor of 16 bits or more, got {input.dtype}")
+        if input.layout != torch.strided:
+            raise UnsupportedInputError(f"input must be a dense (strided) tensor, got layout {input.layout}")
     check_logits("input", input)
     dim = _checked_dim(input, dim)
     if input.dim() == 0:
@@ -159,13 +173,13 @@ def _apply(input, dim, dtype, log):
     return out.contiguous()  # a copy only when dim is not the last: PyTorch's output is contiguous too
 
 
-def softmax(input, dim=-1, *, dtype=None):
+def softmax(input, dim=-1, dtype=None):
     """softmax over `dim` (fp32 math), in `dtype` if given (input cast first, as PyTorch) else the input's;
     an all -inf row gives 0. Passes: read 2x, write 1x; a dim other than the last adds a copy in and out."""
     return _apply(input, dim, dtype, log=False)
 
 
-def log_softmax(input, dim=-1, *, dtype=None):
+def log_softmax(input, dim=-1, dtype=None):
     """log_softmax over `dim` (fp32 math), in `dtype` if given else the input's; an all -inf row gives -inf.
     Passes: read 2x, write 1x; a dim other than the last adds a copy in and out."""
     return _apply(input, dim, dtype, log=True)

@@ -316,3 +316,36 @@ def test_backward_keeps_forwards_choice_when_the_backend_changes(through, monkey
     monkeypatch.setattr(_backend, "uses_triton", lambda tensor: True)
     y.backward(torch.randn_like(y))
     assert chosen == [False, False]
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_unsupported_inputs_raise_pytorchs_class(log):
+    x = torch.randn(2, 3)
+    cases = {"input": [x.to(torch.float8_e4m3fn), x.to_sparse()], "dtype": [torch.float8_e5m2, torch.int32]}
+    for bad_input in cases["input"]:
+        with pytest.raises(NotImplementedError):
+            _torch_op(log)(bad_input, 1)
+        with pytest.raises(NotImplementedError, match="input"):
+            _op(log)(bad_input, 1)
+    for bad_dtype in cases["dtype"]:
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            _torch_op(log)(x, 1, dtype=bad_dtype)
+        with pytest.raises(NotImplementedError, match="dtype"):
+            _op(log)(x, 1, dtype=bad_dtype)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_dim_and_dtype_arguments_as_pytorch_takes_them(log):
+    import numpy as np
+
+    x = torch.randn(2, 3)
+    expected = _torch_op(log)(x, 1)
+    for dim in (np.int64(1), torch.tensor(1), np.int32(-1)):
+        torch.testing.assert_close(_torch_op(log)(x, dim), expected)
+        torch.testing.assert_close(_op(log)(x, dim), expected)
+    for dim in (torch.tensor(1.0), torch.tensor([1]), True, 1.0):
+        with pytest.raises(TypeError, match="dim"):
+            _op(log)(x, dim)
+    y = _op(log)(x, 1, torch.float64)  # dtype positionally, as torch.softmax(input, dim, dtype)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _torch_op(log)(x, 1, torch.float64))
