@@ -32,7 +32,7 @@ def rows_forward(x, log, use_triton=None):
     """(log-)softmax of each row of a 2-D tensor with contiguous rows, into a new tensor of x's dtype (by the
     kernels or the chunked PyTorch path; `use_triton` default the backend's choice for x)."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if y.numel() and x.device.type != "meta":  # a meta tensor has no values to compute
+    if y.numel() and _backend.has_values(x):
         use_triton = _backend.uses_triton(x) if use_triton is None else use_triton
         with _backend.no_autocast(x):
             _implementation(use_triton).softmax_forward(x, y, log)
@@ -45,7 +45,7 @@ def rows_backward(y, dy, log, use_triton=None):
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     dx = torch.empty_like(y, memory_format=torch.contiguous_format)
-    if dx.numel() and y.device.type != "meta":
+    if dx.numel() and _backend.has_values(y):
         use_triton = _backend.uses_triton(y) if use_triton is None else use_triton
         with _backend.no_autocast(y):
             _implementation(use_triton).softmax_backward(y, dy, dx, log)

@@ -190,6 +190,20 @@ def test_meta_tensors_give_meta_results(log, through_op):
     assert grad.device.type == "meta" and grad.shape == x.shape
 
 
+@pytest.mark.parametrize("through_op", [False, True], ids=["eager", "registered_op"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_fake_tensors_give_fake_results(log, through_op):
+    # FakeTensorMode (tracing, shape propagation): nothing to compute, and the interpreter cannot run on them
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode(), registered_ops(through_op):
+        x = torch.randn(4, 6, 3, requires_grad=True)
+        y = _op(log)(x, dim=1)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+    assert isinstance(y, FakeTensor) and y.shape == x.shape and y.is_contiguous()
+    assert isinstance(grad, FakeTensor) and grad.shape == x.shape
+
+
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64),
                                                  (torch.float32, torch.bfloat16), (torch.float64, torch.float32)])
