@@ -24,6 +24,32 @@ def tanh(y):
     return tl.where(y < 0, -r, r)
 
 
+@triton.jit
+def load_fp32(ptrs, mask, other):
+    """Load as fp32. bf16 is widened by its bits (a 16-bit shift, what the hardware does): Triton 3.9's
+    interpreter turns bf16 subnormals into wrong values when it converts them."""
+    value = tl.load(ptrs, mask=mask, other=other)
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        result = (value.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        result = value.to(tl.float32)
+    return result
+
+
+@triton.jit
+def store_rounded(ptrs, value, mask):
+    """Store fp32 `value` in the pointers' dtype, rounded to nearest even. bf16 is rounded by its bits, so the
+    Triton interpreter (whose fp32->bf16 cast truncates, and garbles subnormals) stores what a GPU stores;
+    NaN stays a quiet NaN of the same sign."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        high = tl.where(value != value, (bits >> 16) | 0x40, rounded).to(tl.uint16)
+        tl.store(ptrs, high.to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+
 def warps_for_block(block_size: int) -> int:
     """Warps for a program that streams BLOCK_SIZE elements per step: 8 per thread, so the loop's vectors
     and accumulators fit in registers without spilling on sm_80 and sm_90 (see aot_check); the Triton

@@ -9,7 +9,7 @@ gradient twice and writes once.
 import triton
 import triton.language as tl
 
-from .common import Launch, warps_for_block
+from .common import Launch, load_fp32, store_rounded, warps_for_block
 
 MAX_BLOCK_SIZE = 4096
 
@@ -28,7 +28,7 @@ def softmax_forward_kernel(
     s = tl.full([], 0.0, tl.float32)
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
-        x = tl.load(x_row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        x = load_fp32(x_row_ptr + cols, cols < n_cols, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # exp(-inf - -inf) would be NaN
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
@@ -40,9 +40,9 @@ def softmax_forward_kernel(
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
-        x = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        x = load_fp32(x_row_ptr + cols, mask, float("-inf"))
         y = (x - shift) - log_s if LOG else tl.exp((x - shift) - log_s)
-        tl.store(y_row_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        store_rounded(y_row_ptr + cols, y, mask)
 
 
 @triton.jit
@@ -61,18 +61,18 @@ def softmax_backward_kernel(
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
-        dy = tl.load(dy_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = load_fp32(dy_row_ptr + cols, mask, 0.0)
         if LOG:
             dot += tl.sum(dy, 0)
         else:
-            dot += tl.sum(dy * tl.load(y_row_ptr + cols, mask=mask, other=0.0).to(tl.float32), 0)
+            dot += tl.sum(dy * load_fp32(y_row_ptr + cols, mask, 0.0), 0)
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
-        dy = tl.load(dy_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = load_fp32(dy_row_ptr + cols, mask, 0.0)
+        y = load_fp32(y_row_ptr + cols, mask, 0.0)
         dx = dy - tl.exp(y) * dot if LOG else y * (dy - dot)
-        tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        store_rounded(dx_ptr + row * n_cols + cols, dx, mask)
 
 
 def _block(n_cols):

@@ -15,6 +15,7 @@ import sys
 import threading
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 BACKENDS = ("auto", "torch", "triton", "interpret")
 
@@ -93,6 +94,12 @@ def uses_triton(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda:
         return True
     return backend == "interpret" and tensor.device.type == "cpu"
+
+
+def has_values(tensor: torch.Tensor) -> bool:
+    """False for a meta tensor and a FakeTensor (FakeTensorMode, tracing): shapes only, nothing to compute,
+    and the Triton interpreter cannot run on them."""
+    return tensor.device.type != "meta" and not isinstance(tensor, FakeTensor)
 
 
 def may_read_values(tensor: torch.Tensor) -> bool:

@@ -147,36 +147,37 @@ def cross_entropy(logits, target, weight, opts):
 
 
 @torch.library.custom_op("nanfuse::softmax", mutates_args=())
-def softmax(x: Tensor, log: bool) -> Tensor:
-    """(log-)softmax over the rows of a 2-D tensor with contiguous rows."""
-    return softmax_rows_forward(x, log)
+def softmax(x: Tensor, log: bool, use_triton: bool | None = None) -> Tensor:
+    """(log-)softmax over the rows of a 2-D tensor with contiguous rows; `use_triton` as the caller chose
+    (None: the backend's choice now). Backward takes the same path."""
+    return softmax_rows_forward(x, log, use_triton)
 
 
 @softmax.register_fake
-def _(x, log):
+def _(x, log, use_triton=None):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 @torch.library.custom_op("nanfuse::softmax_backward", mutates_args=())
-def softmax_backward(y: Tensor, dy: Tensor, log: bool) -> Tensor:
-    return softmax_rows_backward(y, dy, log)
+def softmax_backward(y: Tensor, dy: Tensor, log: bool, use_triton: bool | None = None) -> Tensor:
+    return softmax_rows_backward(y, dy, log, use_triton)
 
 
 @softmax_backward.register_fake
-def _(y, dy, log):
+def _(y, dy, log, use_triton=None):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def _softmax_setup(ctx, inputs, output):
-    ctx.log = inputs[1]
+    _, ctx.log, ctx.use_triton = inputs
     ctx.save_for_backward(output)
 
 
 def _softmax_backward(ctx, dy):
     (y,) = ctx.saved_tensors
     if softmax_needs_differentiable_backward(y, dy):  # create_graph=True: PyTorch ops autograd can see through
-        return softmax_differentiable_rows_backward(y, dy, ctx.log), None
-    return softmax_backward(y, dy, ctx.log), None
+        return softmax_differentiable_rows_backward(y, dy, ctx.log), None, None
+    return softmax_backward(y, dy, ctx.log, ctx.use_triton), None, None
 
 
 softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)

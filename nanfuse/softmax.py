@@ -7,6 +7,7 @@ itself be differentiated (create_graph=True, torch.func transforms) runs the sam
 """
 
 import math
+import operator
 
 import torch
 
@@ -14,8 +15,9 @@ from . import _backend
 from ._checks import check_logits
 
 
-class UnsupportedDtypeError(TypeError, NotImplementedError):
-    """An input dtype softmax does not take: a TypeError, and the NotImplementedError PyTorch raises."""
+class UnsupportedInputError(TypeError, NotImplementedError):
+    """An input dtype or layout softmax does not take (integer, float8, sparse): a TypeError, and the
+    NotImplementedError PyTorch raises."""
 
 
 def _implementation(use_triton):
@@ -26,12 +28,14 @@ def _implementation(use_triton):
     return softmax
 
 
-def rows_forward(x, log):
-    """(log-)softmax of each row of a 2-D tensor with contiguous rows, into a new tensor of x's dtype."""
+def rows_forward(x, log, use_triton=None):
+    """(log-)softmax of each row of a 2-D tensor with contiguous rows, into a new tensor of x's dtype (by the
+    kernels or the chunked PyTorch path; `use_triton` default the backend's choice for x)."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if y.numel() and x.device.type != "meta":  # a meta tensor has no values to compute
+    if y.numel() and _backend.has_values(x):
+        use_triton = _backend.uses_triton(x) if use_triton is None else use_triton
         with _backend.no_autocast(x):
-            _implementation(_backend.uses_triton(x)).softmax_forward(x, y, log)
+            _implementation(use_triton).softmax_forward(x, y, log)
     return y
 
 
@@ -41,7 +45,7 @@ def rows_backward(y, dy, log, use_triton=None):
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     dx = torch.empty_like(y, memory_format=torch.contiguous_format)
-    if dx.numel() and y.device.type != "meta":
+    if dx.numel() and _backend.has_values(y):
         use_triton = _backend.uses_triton(y) if use_triton is None else use_triton
         with _backend.no_autocast(y):
             _implementation(use_triton).softmax_backward(y, dy, dx, log)
@@ -61,11 +65,13 @@ def differentiable_rows_backward(y, dy, log):
 
 
 def needs_differentiable_backward(*tensors):
-    """True when backward must build a graph (create_graph=True) or runs under a torch.func transform:
-    the kernels write into plain tensors, which neither autograd nor functorch can see through."""
+    """True when backward must build a graph (create_graph=True), runs under a torch.func transform, or gets
+    a batch of upstream gradients: the kernels write into plain tensors, which neither autograd nor vmap can
+    see through."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return True
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    functorch = torch._C._functorch  # is_grads_batched and jacobian(vectorize=True) use autograd's legacy vmap
+    return any(functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors)
 
 
 def _tangent(y, dx, log):
@@ -109,7 +115,7 @@ class SoftmaxFunction(torch.autograd.Function):
     def vmap(info, in_dims, x, log):
         """Batched rows are just more rows: fold the batch dim into the row dim."""
         batched = x.movedim(in_dims[0], 0)
-        rows = batched.reshape(-1, batched.shape[-1])
+        rows = batched.reshape(math.prod(batched.shape[:-1]), batched.shape[-1])  # -1 is ambiguous for 0 classes
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         return SoftmaxFunction.apply(rows, log).reshape(batched.shape), 0
@@ -119,14 +125,20 @@ def _rows(x, log):
     if _backend.through_registered_ops():
         from . import _ops
 
-        return _ops.softmax(x, log)
+        # chosen here, where torch.compile guards on the backend, and kept for backward (another thread on CUDA)
+        return _ops.softmax(x, log, _backend.uses_triton(x))
     return SoftmaxFunction.apply(x, log)
 
 
 def _checked_dim(input, dim):
-    """dim as a non-negative index, with PyTorch's rules: an int in [-ndim, ndim) (a 0-dim tensor counts as 1-dim)."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    """dim as a non-negative index, with PyTorch's rules: an integer (an int, a NumPy integer, a 0-dim integer
+    tensor; not a bool) in [-ndim, ndim) (a 0-dim tensor counts as 1-dim)."""
+    if isinstance(dim, bool) or (isinstance(dim, torch.Tensor) and dim.dim() != 0):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    try:
+        dim = operator.index(dim)
+    except TypeError:
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}") from None
     n_dims = max(input.dim(), 1)
     if not -n_dims <= dim < n_dims:
         raise IndexError(f"dim out of range: expected an int in [{-n_dims}, {n_dims - 1}] for a "
@@ -134,14 +146,21 @@ def _checked_dim(input, dim):
     return dim % n_dims
 
 
+def _is_supported_float(dtype):
+    return dtype.is_floating_point and dtype.itemsize >= 2  # float8 has no softmax in PyTorch either
+
+
 def _apply(input, dim, dtype, log):
     if dtype is not None:
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise UnsupportedDtypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+        if not (isinstance(dtype, torch.dtype) and _is_supported_float(dtype)):
+            raise UnsupportedInputError(f"dtype must be a floating-point torch.dtype of 16 bits or more, got {dtype}")
         if isinstance(input, torch.Tensor):
             input = input.to(dtype)  # as PyTorch: cast first; the gradient flows back in input's own dtype
-    if isinstance(input, torch.Tensor) and not input.is_floating_point():
-        raise UnsupportedDtypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if isinstance(input, torch.Tensor):
+        if not _is_supported_float(input.dtype):
+            raise UnsupportedInputError(f"input must be a floating-point tensor of 16 bits or more, got {input.dtype}")
+        if input.layout != torch.strided:
+            raise UnsupportedInputError(f"input must be a dense (strided) tensor, got layout {input.layout}")
     check_logits("input", input)
     dim = _checked_dim(input, dim)
     if input.dim() == 0:
@@ -154,13 +173,13 @@ def _apply(input, dim, dtype, log):
     return out.contiguous()  # a copy only when dim is not the last: PyTorch's output is contiguous too
 
 
-def softmax(input, dim=-1, *, dtype=None):
+def softmax(input, dim=-1, dtype=None):
     """softmax over `dim` (fp32 math), in `dtype` if given (input cast first, as PyTorch) else the input's;
     an all -inf row gives 0. Passes: read 2x, write 1x; a dim other than the last adds a copy in and out."""
     return _apply(input, dim, dtype, log=False)
 
 
-def log_softmax(input, dim=-1, *, dtype=None):
+def log_softmax(input, dim=-1, dtype=None):
     """log_softmax over `dim` (fp32 math), in `dtype` if given else the input's; an all -inf row gives -inf.
     Passes: read 2x, write 1x; a dim other than the last adds a copy in and out."""
     return _apply(input, dim, dtype, log=True)

@@ -55,10 +55,15 @@ def softmax_ref(x, dim=-1, log=False):
     """(log-)softmax in float64; an all -inf row gives 0 (softmax) or -inf (log_softmax); a row holding NaN or
     +inf is all NaN (as PyTorch: the +inf entry is inf/inf, and the others' share of it undefined)."""
     x = x.double()
-    lse = torch.logsumexp(x, dim=dim, keepdim=True)
-    shift = torch.where(lse == float("-inf"), 0.0, lse)
-    out = x - shift if log else torch.exp(x - shift)
-    return torch.where(lse == float("inf"), float("nan"), out)
+    if x.dim() and x.shape[dim] == 0:
+        return x.clone()
+    # max first, then the log of the sum: x - logsumexp(x) would lose log(sum) next to a max near 3e38
+    m = x.amax(dim=dim, keepdim=True)
+    shifted = x - torch.where(m.isinf(), 0.0, m)
+    log_sum = torch.exp(shifted).sum(dim=dim, keepdim=True).log()
+    log_sum = torch.where(log_sum == float("-inf"), 0.0, log_sum)  # an all -inf row
+    out = shifted - log_sum if log else torch.exp(shifted - log_sum)
+    return torch.where(m == float("inf"), float("nan"), out)
 
 
 def grad_norm_ref(grads, norm_type=2.0):

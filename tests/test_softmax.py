@@ -1,7 +1,5 @@
 """nanfuse.softmax / log_softmax against the float64 oracle, including fully masked rows."""
 
-import os
-
 import pytest
 import torch
 from helpers import TOLERANCES, assert_close
@@ -29,14 +27,12 @@ def test_matches_reference(shape, dim, dtype, log, device):
         assert_close(x.grad, x_ref.grad, dtype, "grad")
     else:
         # backward starts from the saved output, already rounded to half precision, and (dy - sum dy*y)
-        # cancels: allow twice PyTorch's own error in this dtype, on the same inputs (three times under the
-        # Triton interpreter, whose casts truncate where a GPU rounds to nearest)
+        # cancels: allow twice PyTorch's own error in this dtype, on the same inputs
         x_torch = x.detach().clone().requires_grad_()
         (torch.log_softmax if log else torch.softmax)(x_torch, dim=dim).backward(upstream)
         torch_error = (x_torch.grad.double().cpu() - x_ref.grad).abs().max()
         our_error = (x.grad.double().cpu() - x_ref.grad).abs().max()
-        factor = 3 if os.environ.get("TRITON_INTERPRET") == "1" else 2
-        assert our_error <= factor * torch_error + 1e-4, f"grad error {our_error:.3g} vs PyTorch's {torch_error:.3g}"
+        assert our_error <= 2 * torch_error + 1e-4, f"grad error {our_error:.3g} vs PyTorch's {torch_error:.3g}"
 
 
 def test_fully_masked_rows_give_zeros_not_nan(device):
@@ -60,6 +56,38 @@ def test_fully_masked_rows_give_zeros_not_nan(device):
     assert_close(grad[0], upstream[0, :10].double())  # exp(-inf) = 0: the upstream gradient passes through
 
 
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradient_on_peaked_rows_within_twice_pytorchs_error(dtype, log, device):
+    # a peaked row saves y close to 1: a cast that truncates instead of rounding (the Triton interpreter's
+    # fp32->bf16) costs up to an ulp there, 40-3000x PyTorch's gradient error
+    x = torch.cat([torch.tensor([[10.0, 0.0, 0.0] + [-5.0] * 5]), torch.randn(6, 8) * 8]).to(device, dtype)
+    upstream = torch.cat([torch.tensor([[2.0] + [0.0] * 7]), torch.randn(6, 8)]).to(device, dtype)
+    x_ref = x.detach().cpu().double().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(softmax_ref(x_ref, 1, log), x_ref, upstream.cpu().double())
+    for row in range(x.shape[0]):
+        xs = x[row:row + 1].clone().requires_grad_()
+        (grad,) = torch.autograd.grad(_op(log)(xs, dim=1), xs, upstream[row:row + 1])
+        (grad_torch,) = torch.autograd.grad(_torch_op(log)(xs, 1), xs, upstream[row:row + 1])
+        ours, theirs = _grad_error(grad.cpu(), grad_ref[row]), _grad_error(grad_torch.cpu(), grad_ref[row])
+        assert ours <= 2 * theirs + 1e-6, f"row {row}: grad error {ours:.3g} vs PyTorch's {theirs:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_subnormal_outputs_are_right(dtype, device):
+    # outputs below fp32's smallest normal (bf16 shares fp32's exponent range): Triton 3.9's interpreter
+    # converts these to wrong values unless the kernel rounds by bits
+    x = torch.tensor([[0.0, -88.0, -90.0, -95.0, -100.0]], device=device, dtype=dtype, requires_grad=True)
+    y = nanfuse.softmax(x)
+    expected = softmax_ref(x.detach().double())
+    assert torch.equal(y.cpu(), expected.to(dtype)), (y.tolist(), expected.tolist())
+    upstream = torch.tensor([[1.0, 3.0, 3.0, 3.0, 3.0]], device=device, dtype=dtype)
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    x_torch = x.detach().requires_grad_()
+    (grad_torch,) = torch.autograd.grad(torch.softmax(x_torch, 1), x_torch, upstream)
+    assert torch.equal(grad, grad_torch), (grad.tolist(), grad_torch.tolist())
+
+
 def test_large_logits_do_not_overflow(device):
     x = torch.tensor([[3e38, 2e38, 1e38], [1e4, 1e4 - 1, 0.0]], device=device)
     assert_close(nanfuse.softmax(x), softmax_ref(x))
@@ -73,10 +101,6 @@ def test_integer_input_is_refused():
 
 def _grad_error(grad, grad_ref):
     return (grad.double() - grad_ref).abs().max()
-
-
-def _half_factor():
-    return 3 if os.environ.get("TRITON_INTERPRET") == "1" else 2
 
 
 def _torch_op(log):
@@ -144,6 +168,15 @@ def test_zero_length_dims_give_empty_results(shape, dim, log):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("shape, dim", [((3, 0), 0), ((3, 2, 0), 1), ((0, 4), 0), ((3, 0, 2), 0)])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_vmap_over_zero_length_dims(shape, dim, log):
+    x = torch.randn(shape)
+    y = torch.func.vmap(lambda t: _op(log)(t, dim))(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, torch.func.vmap(lambda t: _torch_op(log)(t, dim))(x))
+
+
 @pytest.mark.parametrize("through_op", [False, True], ids=["eager", "registered_op"])
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_meta_tensors_give_meta_results(log, through_op):
@@ -155,6 +188,20 @@ def test_meta_tensors_give_meta_results(log, through_op):
     assert z.device.type == "meta" and z.dtype == torch.float64
     (grad,) = torch.autograd.grad(y.sum(), x)
     assert grad.device.type == "meta" and grad.shape == x.shape
+
+
+@pytest.mark.parametrize("through_op", [False, True], ids=["eager", "registered_op"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_fake_tensors_give_fake_results(log, through_op):
+    # FakeTensorMode (tracing, shape propagation): nothing to compute, and the interpreter cannot run on them
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode(), registered_ops(through_op):
+        x = torch.randn(4, 6, 3, requires_grad=True)
+        y = _op(log)(x, dim=1)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+    assert isinstance(y, FakeTensor) and y.shape == x.shape and y.is_contiguous()
+    assert isinstance(grad, FakeTensor) and grad.shape == x.shape
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
@@ -175,11 +222,11 @@ def test_dtype_keyword_matches_pytorch(in_dtype, out_dtype, log):
     if out_dtype in (torch.float32, torch.float64) and in_dtype != torch.float16:
         assert_close(x.grad, x_ref.grad, max(in_dtype, out_dtype, key=lambda d: TOLERANCES[d][0]), "grad")
     else:  # the gradient went through half precision: as test_matches_reference, against PyTorch's own error,
-        # or a few roundings of the largest gradient entry (the interpreter truncates: up to 1 ulp per cast)
+        # or a few roundings of the largest gradient entry
         half = out_dtype if out_dtype in (torch.float16, torch.bfloat16) else in_dtype
         rounding = 4 * torch.finfo(half).eps * x_ref.grad.abs().max()
         torch_error = _grad_error(x_torch.grad, x_ref.grad)
-        assert _grad_error(x.grad, x_ref.grad) <= max(_half_factor() * torch_error, rounding) + 1e-4
+        assert _grad_error(x.grad, x_ref.grad) <= max(2 * torch_error, rounding) + 1e-4
     with pytest.raises(NotImplementedError, match="dtype"):  # PyTorch raises NotImplementedError here too
         _op(log)(x, dim=0, dtype=torch.int64)
 
@@ -242,3 +289,77 @@ def test_backward_takes_the_path_its_forward_took(monkeypatch):
         y = nanfuse.softmax(x)
     y.backward(torch.randn_like(y))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("through_op", [False, True], ids=["eager", "registered_op"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_batched_gradients_match_pytorch(log, through_op):
+    # autograd's own vmap over upstream gradients: the backward gets a batch, which the kernels cannot take
+    x = torch.randn(2, 3, requires_grad=True)
+    eye = torch.eye(6).reshape(6, 2, 3)
+    with registered_ops(through_op):
+        (jac,) = torch.autograd.grad(_op(log)(x, 1), x, eye, is_grads_batched=True)
+        jac_vectorized = torch.autograd.functional.jacobian(lambda t: _op(log)(t, 1), x.detach(), vectorize=True)
+        assert torch.autograd.gradcheck(lambda t: _op(log)(t, 1), (x.detach().double().requires_grad_(),),
+                                        check_batched_grad=True)
+    (jac_torch,) = torch.autograd.grad(_torch_op(log)(x, 1), x, eye, is_grads_batched=True)
+    torch.testing.assert_close(jac, jac_torch)
+    torch.testing.assert_close(jac_vectorized, jac_torch.reshape(2, 3, 2, 3))
+
+
+@pytest.mark.parametrize("through", ["eager", "registered_op", "compiled"])
+def test_backward_keeps_forwards_choice_when_the_backend_changes(through, monkeypatch):
+    # forward in a use_backend("torch") block, backward where the backend would pick the kernels: backward
+    # must not ask again (the registered op, which torch.compile calls, used to)
+    import sys
+
+    from nanfuse import _backend
+
+    module = sys.modules["nanfuse.softmax"]
+    chosen, original = [], module._implementation
+    monkeypatch.setattr(module, "_implementation", lambda use_triton: chosen.append(use_triton) or original(False))
+    def f(t):
+        return nanfuse.softmax(t * 2, -1)
+
+    if through == "compiled":
+        torch._dynamo.reset()
+        f = torch.compile(f, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 5, requires_grad=True)
+    with registered_ops(through == "registered_op"), nanfuse.use_backend("torch"):
+        y = f(x)
+    monkeypatch.setattr(_backend, "uses_triton", lambda tensor: True)
+    y.backward(torch.randn_like(y))
+    assert chosen == [False, False]
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_unsupported_inputs_raise_pytorchs_class(log):
+    x = torch.randn(2, 3)
+    cases = {"input": [x.to(torch.float8_e4m3fn), x.to_sparse()], "dtype": [torch.float8_e5m2, torch.int32]}
+    for bad_input in cases["input"]:
+        with pytest.raises(NotImplementedError):
+            _torch_op(log)(bad_input, 1)
+        with pytest.raises(NotImplementedError, match="input"):
+            _op(log)(bad_input, 1)
+    for bad_dtype in cases["dtype"]:
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            _torch_op(log)(x, 1, dtype=bad_dtype)
+        with pytest.raises(NotImplementedError, match="dtype"):
+            _op(log)(x, 1, dtype=bad_dtype)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_dim_and_dtype_arguments_as_pytorch_takes_them(log):
+    import numpy as np
+
+    x = torch.randn(2, 3)
+    expected = _torch_op(log)(x, 1)
+    for dim in (np.int64(1), torch.tensor(1), np.int32(-1)):
+        torch.testing.assert_close(_torch_op(log)(x, dim), expected)
+        torch.testing.assert_close(_op(log)(x, dim), expected)
+    for dim in (torch.tensor(1.0), torch.tensor([1]), True, 1.0):
+        with pytest.raises(TypeError, match="dim"):
+            _op(log)(x, dim)
+    y = _op(log)(x, 1, torch.float64)  # dtype positionally, as torch.softmax(input, dim, dtype)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _torch_op(log)(x, 1, torch.float64))

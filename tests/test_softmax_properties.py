@@ -68,7 +68,12 @@ def test_softmax_matches_the_oracle_and_the_other_path(case):
     torch_y = (torch.log_softmax if log else torch.softmax)(x, dim, dtype=out_dtype)
     masked_rows = (x.to(result_dtype) == float("-inf")).all(dim, keepdim=True).expand_as(x) if x.dim() else None
     if masked_rows is None or not masked_rows.any():
-        assert_close(y, torch_y.double(), result_dtype, "output against PyTorch")  # no deviation applies
+        # no deviation applies: PyTorch's values, up to PyTorch's own error (its bf16 log_softmax with dtype=
+        # can be further from the oracle than our tolerance)
+        torch_error = (torch_y.double() - expected.double()).abs().nan_to_num(0.0, posinf=0.0)
+        rtol, atol = TOLERANCES[result_dtype]
+        atol += torch_error.max().item() if torch_error.numel() else 0.0
+        torch.testing.assert_close(y.double(), torch_y.double(), rtol=rtol, atol=atol, equal_nan=True)
     else:  # the documented deviation: a fully masked row is 0 (softmax) or -inf (log_softmax), PyTorch's NaN
         assert torch_y[masked_rows].isnan().all()
         assert (y[masked_rows] == (float("-inf") if log else 0.0)).all()
