@@ -1,5 +1,6 @@
 """Small @triton.jit helpers shared by the kernels, and the launch heuristics they share."""
 
+import os
 import threading
 from typing import NamedTuple
 
@@ -10,6 +11,9 @@ from triton.runtime.interpreter import InterpretedFunction
 # The Triton interpreter patches triton.language's module globals while a kernel runs, so two threads
 # interpreting kernels at once corrupt each other's results: interpreted launches take turns.
 _INTERPRETER_LOCK = threading.Lock()
+# Compiled kernels round fp32 -> bf16 to nearest even with one hardware conversion; only the interpreter
+# (whose cast truncates) needs the rounding done by hand. A constexpr, so compiled code never carries it.
+INTERPRETING: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
@@ -38,10 +42,10 @@ def load_fp32(ptrs, mask, other):
 
 @triton.jit
 def store_rounded(ptrs, value, mask):
-    """Store fp32 `value` in the pointers' dtype, rounded to nearest even. bf16 is rounded by its bits, so the
-    Triton interpreter (whose fp32->bf16 cast truncates, and garbles subnormals) stores what a GPU stores;
-    NaN stays a quiet NaN of the same sign."""
-    if ptrs.dtype.element_ty == tl.bfloat16:
+    """Store fp32 `value` in the pointers' dtype, rounded to nearest even. Under the interpreter (whose
+    fp32->bf16 cast truncates, and garbles subnormals) bf16 is rounded by its bits, so it stores what a GPU
+    stores; NaN stays a quiet NaN of the same sign."""
+    if INTERPRETING and ptrs.dtype.element_ty == tl.bfloat16:
         bits = value.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         high = tl.where(value != value, (bits >> 16) | 0x40, rounded).to(tl.uint16)
