@@ -249,7 +249,8 @@ def _combine(parts, norm_type):
     device = parts[0][0].device
     norms = torch.stack([norm.to(device, non_blocking=True) for norm, _ in parts])
     counts = torch.stack([c.to(device, non_blocking=True) for _, c in parts]).sum(0)
-    return torch_path._scaled_norm(norms, norm_type), counts
+    scale, total = torch_path.combine_pairs(norms, torch.ones_like(norms), norm_type)  # a norm n is the pair (n, 1)
+    return torch_path.pair_norm(scale, total, norm_type), counts
 
 
 def _all_reduce(finite_norm, counts, norm_type, groups):

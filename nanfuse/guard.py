@@ -143,7 +143,7 @@ class NanGuard:
             factor = report.clip_coef.double() if inv_scale is None else report.clip_coef.double() * inv_scale
             if self.max_norm is not None:  # a factor below 2**-100 (norms near 1e38) is applied in a pass first
                 kept = factor.clamp(min=SMALLEST_FACTOR)
-                scale_all((factor / kept).float())  # exactly 1 otherwise: free on CPU and in the kernel
+                scale_all((factor / kept).to(report.clip_coef.dtype))  # exactly 1 otherwise: free on CPU, in the kernel
                 factor = kept
             # the optimizer divides by grad_scale (fp32 for PyTorch's fused kernels): g * (1 / scale) * coef
             self._fused_step((1.0 / factor).float(), found_inf)

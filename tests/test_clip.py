@@ -400,3 +400,43 @@ def test_norms_pytorch_accepts_but_that_are_not_norms_are_refused(kwargs, name):
     p.grad = torch.randn(4)
     with pytest.raises(ValueError, match=name):
         nanfuse.clip_grad_norm_([p], **{"max_norm": 1.0, **kwargs})
+
+
+FP64_MAX = torch.finfo(torch.float64).max
+
+
+@pytest.mark.parametrize("norm_type, n, dtype, max_norm, coef", [
+    (0.1, 10_000, torch.float32, 1.0, 1e-40),  # the norm (1e40) overflows fp32 in its last step (root of the sum)
+    (0.01, 10_000, torch.float32, 1.0, 0.0),  # ... and fp64 (1e400): a coefficient of 1e-400 is 0 in fp32
+    (0.01, 10_000, torch.float64, 1e300, 1e-100),  # ... which 1e300 / 1e400 is not
+])
+def test_a_tiny_norm_order_saturates_and_still_clips_right(norm_type, n, dtype, max_norm, coef, device):
+    # issue 11 follow-up 1: p=0.1 of 10,000 ones gave a NaN norm and coefficient, found_inf 0 and NaN
+    # gradients on the PyTorch path; the kernels saturated the norm but zeroed the gradients (coefficient 0)
+    p = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
+    p.grad = torch.ones(n, dtype=dtype, device=device)
+    report = nanfuse.clip_and_check_([p], max_norm, norm_type)
+    assert report.found_inf.item() == 0.0 and report.total_norm.item() == torch.finfo(dtype).max
+    # the grads are ones: each becomes the coefficient, rounded to the dtype
+    want = torch.tensor(coef, dtype=torch.float64).to(dtype).item()
+    assert report.clip_coef.item() == pytest.approx(want, rel=1e-4, abs=0.0)
+    assert p.grad.isfinite().all() and p.grad.double().sub(want).abs().max().item() <= 1e-4 * want
+
+
+def test_fp64_gradients_near_the_fp64_maximum_saturate_and_still_clip_right(device):
+    # issue 11 follow-up 2: four fp64 gradients of 1e308 (norm 2e308) gave a NaN norm, found_inf 0 and NaN weights
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64, device=device))
+    p.grad = torch.full((4,), 1e308, dtype=torch.float64, device=device)
+    report = nanfuse.clip_and_check_([p], 1.0)
+    assert report.found_inf.item() == 0.0 and report.total_norm.item() == FP64_MAX
+    assert report.clip_coef.item() == pytest.approx(1 / 2e308, rel=1e-12)
+    assert_close(p.grad, torch.full((4,), 0.5, dtype=torch.float64), torch.float64, "clipped")
+    for make in (lambda q: torch.optim.SGD([q], lr=0.1), lambda q: torch.optim.SGD([q], lr=0.1, fused=True),
+                 lambda q: torch.optim.Adam([q], lr=0.1, fused=True)):  # Adam: a step of -lr per element
+        q = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64, device=device))
+        q.grad = torch.full((4,), 1e308, dtype=torch.float64, device=device)
+        guard = nanfuse.NanGuard(make(q), max_norm=1.0)
+        guard.step()
+        want = -0.1 * 0.5 / (0.5 + 1e-8) if isinstance(guard.optimizer, torch.optim.Adam) else -0.05
+        assert guard.skipped_steps.item() == 0
+        assert_close(q.detach(), torch.full((4,), want, dtype=torch.float64), torch.float64, repr(guard.optimizer))
