@@ -16,7 +16,9 @@ One guard.step(), with G the bytes of all gradients:
    - LBFGS (its step re-evaluates the closure): every evaluation is checked and clipped; a non-finite one
      stops the step, and parameters and state are put back from a copy taken before it;
 3. with a GradScaler, its state is advanced exactly as unscale_/step/update would (same scale, same
-   growth tracker); the skipped-step counter is advanced on the device.
+   growth tracker); the skipped-step counter is advanced on the device. Guards that share one GradScaler
+   (one per optimizer, PyTorch's multi-optimizer AMP recipe) are made with update_scaler=False and the
+   caller runs scaler.update() once after all of them, as after several scaler.step() calls.
 A skipped step leaves parameters and optimizer state bit-for-bit as they were.
 Under torch.compile the norm, the scaling and the fused optimizer's step go through the registered
 ops (nanfuse/_ops.py), so guard.step() compiles with fullgraph=True.
@@ -24,6 +26,7 @@ ops (nanfuse/_ops.py), so guard.step() compiles with fullgraph=True.
 
 import collections.abc
 import copy
+import weakref
 
 import torch
 from torch.amp.grad_scaler import OptState
@@ -35,13 +38,19 @@ FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.
 SMALLEST_FACTOR = 2.0**-100  # a fused optimizer's grad_scale is 1 / factor, in fp32: it must stay finite
 
 
+# the state entry a fused optimizer's first step creates for a parameter (Adagrad creates its state in __init__)
+_FIRST_STEP_KEY = {torch.optim.Adam: "exp_avg", torch.optim.AdamW: "exp_avg", torch.optim.SGD: "momentum_buffer"}
+
+
 def _creates_state(optimizer):
-    """True when optimizer.step() would create state for a parameter that has a gradient (its first step)."""
+    """True when optimizer.step() would create state for a parameter that has a gradient (its first step):
+    checked per parameter (an entry that was only read, and so exists empty, still counts as missing)."""
+    key = next((k for cls, k in _FIRST_STEP_KEY.items() if isinstance(optimizer, cls)), None)
     stateful = [group for group in optimizer.param_groups
                 if not (isinstance(optimizer, torch.optim.SGD) and group["momentum"] == 0)]  # SGD keeps none
-    if len(optimizer.state) >= sum(len(group["params"]) for group in stateful):
-        return False
-    return any(p.grad is not None and not optimizer.state.get(p) for group in stateful for p in group["params"])
+    return any(p.grad is not None and (key not in optimizer.state[p] if key and p in optimizer.state
+                                       else not optimizer.state.get(p))
+               for group in stateful for p in group["params"])
 
 
 def fused_step(optimizer, grad_scale, found_inf):
@@ -69,14 +78,21 @@ def _scaler_state(scaler, optimizer):
     return state
 
 
+_UPDATING_GUARDS = weakref.WeakKeyDictionary()  # GradScaler -> the live guards that call its update()
+
+
 class _NonFiniteEvaluation(Exception):
     """Raised from inside LBFGS's step by a closure evaluation whose gradients are not all finite."""
 
 
 class NanGuard:
-    """Wraps an optimizer: guard.step() clips and checks all gradients, then steps only if all are finite."""
+    """Wraps an optimizer: guard.step() clips and checks all gradients, then steps only if all are finite.
 
-    def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None, process_group=None):
+    update_scaler=False leaves scaler.update() to the caller (guards sharing a GradScaler); only one live
+    guard per GradScaler may update it (ValueError otherwise)."""
+
+    def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None, process_group=None,
+                 update_scaler=True):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, torch.optim.SparseAdam):
@@ -85,11 +101,18 @@ class NanGuard:
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         if scaler is not None and isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError("scaler: a GradScaler does not support closures, which LBFGS needs")
+        if scaler is not None and update_scaler:
+            if any(guard is not self for guard in _UPDATING_GUARDS.get(scaler, ())):
+                raise ValueError("scaler: another NanGuard already calls scaler.update() on this GradScaler; guards "
+                                 "sharing one must be made with update_scaler=False, and scaler.update() called "
+                                 "once per iteration after every guard.step()")
+            _UPDATING_GUARDS.setdefault(scaler, weakref.WeakSet()).add(self)
         self.optimizer = optimizer
         self.max_norm = check_max_norm(max_norm)
         self.norm_type = _norm_kind(norm_type)[0]
         self.scaler = scaler
         self.process_group = process_group
+        self.update_scaler = bool(update_scaler)
         self.steps = 0
         self.skipped_steps = torch.zeros((), dtype=torch.int64)  # moved to the gradients' device on use
         self.last_report: GradNormReport | None = None
@@ -160,7 +183,7 @@ class NanGuard:
                     scale_all(report.clip_coef)
                 if not bool(found_inf):  # the one host read per step
                     self.optimizer.step()
-        if scaler is not None:
+        if scaler is not None and self.update_scaler:
             scaler.update()
         self.steps += 1
         self.last_report = report
