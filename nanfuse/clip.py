@@ -270,11 +270,13 @@ def _all_reduce(finite_norm, counts, norm_type, groups):
     return top * packed[0] ** (1.0 / norm_type), packed[1:].to(torch.int64)
 
 
+@torch.no_grad()
 def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
     """GradNormReport over all gradients, and a function that scales them all by a device factor.
 
     With `inv_scale` (a 0-dim device tensor: GradScaler's 1 / scale) the gradients are loss-scaled: the
-    report is of the gradients times inv_scale, read as they are (no unscaling pass first).
+    report is of the gradients times inv_scale, read as they are (no unscaling pass first). Both run under
+    torch.no_grad(), as PyTorch's clip: gradients from backward(create_graph=True) are scaled unrecorded.
     """
     norm_type, _ = _norm_kind(norm_type)
     max_norm = check_max_norm(max_norm)
@@ -307,6 +309,7 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
         result, _, counts = torch_path.finish(finite_norm, counts, max_norm, dtype)
     report = GradNormReport(result[0], result[1], result[2].float(), counts.sum())
 
+    @torch.no_grad()
     def scale_all(coef):
         for device, scale_ in scalers:
             scale_(coef.to(device, non_blocking=True))
@@ -343,6 +346,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     `process_group` reduces the norm over ranks that each hold a shard of plain-tensor gradients
     (DTensor gradients are reduced over their mesh without it). Cost: G bytes moved, 3G when clipping.
     """
+    if max_norm is None:  # as PyTorch's float(max_norm); clip_and_check_ and grad_norm_check take None: no clip
+        raise TypeError("max_norm must be a number >= 0, got None")
     report = clip_and_check_(parameters, max_norm, norm_type, process_group=process_group)
     if error_if_nonfinite and bool(report.found_inf):  # opt-in: one host sync
         raise RuntimeError(f"The total norm of order {float(norm_type)} for gradients from `parameters` is "

@@ -81,6 +81,18 @@ def _scaler_state(scaler, optimizer):
 _UPDATING_GUARDS = weakref.WeakKeyDictionary()  # GradScaler -> the live guards that call its update()
 
 
+def _count(value, key):
+    """A state_dict count (int, integral float, or one-element tensor of such) as an int >= 0, or a ValueError
+    naming `key`."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"state_dict[{key!r}] must be an integral number >= 0, got {value!r}")
+    return value
+
+
 class _NonFiniteEvaluation(Exception):
     """Raised from inside LBFGS's step by a closure evaluation whose gradients are not all finite."""
 
@@ -254,20 +266,17 @@ class NanGuard:
         for key in ("steps", "skipped_steps"):
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r}: expected a dict from NanGuard.state_dict()")
-        steps, skipped = state_dict["steps"], state_dict["skipped_steps"]
-        if isinstance(steps, torch.Tensor):
-            steps = int(steps)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"state_dict['steps'] must be an int >= 0, got {steps!r}")
-        if isinstance(skipped, bool) or not isinstance(skipped, (int, torch.Tensor)) or (
-                isinstance(skipped, torch.Tensor) and (skipped.numel() != 1 or skipped.is_floating_point())):
-            raise ValueError(f"state_dict['skipped_steps'] must be an int or a one-element integer tensor, "
-                             f"got {skipped!r}")
+        steps, skipped = _count(state_dict["steps"], "steps"), _count(state_dict["skipped_steps"], "skipped_steps")
         report = state_dict.get("last_report")
         if report is not None:
             if not isinstance(report, collections.abc.Mapping) or set(report) != set(GradNormReport._fields):
                 raise ValueError(f"state_dict['last_report'] must be None or a dict of {GradNormReport._fields}")
-            report = GradNormReport(**{k: torch.as_tensor(v).clone() for k, v in report.items()})
+            for key, value in report.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)) or (
+                        isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_complex())):
+                    raise ValueError(f"state_dict['last_report'][{key!r}] must be a number or a one-element "
+                                     f"tensor, got {value!r}")
+            report = GradNormReport(**{k: torch.as_tensor(v).reshape(()).clone() for k, v in report.items()})
         self.steps = steps
-        self.skipped_steps = torch.as_tensor(skipped).to(torch.int64).reshape(()).clone()
+        self.skipped_steps = torch.tensor(skipped, dtype=torch.int64)
         self.last_report = report

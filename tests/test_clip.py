@@ -453,3 +453,25 @@ def test_a_large_tensor_keeps_the_promised_accuracy(norm_type, device):
     total = nanfuse.clip_grad_norm_([p], 1.0, norm_type)
     assert abs(total.item() - ref.item()) <= 2e-5 * ref.item(), (total.item(), ref.item())
     assert grad_norm_ref([p.grad], norm_type).item() <= 1.0 + 2e-5
+
+
+def test_max_norm_none_is_a_type_error_like_pytorch():
+    # issue 11 follow-up: clip_grad_norm_(params, None) ran as a check without clipping; PyTorch raises TypeError
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    with pytest.raises(TypeError, match="max_norm"):
+        nanfuse.clip_grad_norm_([p], None)
+    with pytest.raises(TypeError):
+        torch.nn.utils.clip_grad_norm_([p], None)
+
+
+def test_gradients_with_a_graph_are_scaled_without_recording_it(device):
+    # issue 11 follow-up: gradients from backward(create_graph=True) got the clip recorded in their graph
+    # (grad_fn MulBackward0); PyTorch clips under torch.no_grad()
+    w = torch.nn.Parameter(torch.randn(5, device=device) * 3)
+    grad, = torch.autograd.grad((w**3).sum(), w, create_graph=True)
+    w.grad = grad
+    before = grad.detach().clone()
+    total = nanfuse.clip_grad_norm_([w], 1.0)
+    assert not total.requires_grad and w.grad.grad_fn is grad.grad_fn  # nothing recorded on top
+    assert_close(w.grad.detach(), before.double() / (grad_norm_ref([before]) + 1e-6), torch.float32, "clipped")

@@ -351,6 +351,13 @@ def test_bad_arguments_fail_at_construction_naming_them(make, error, name):
 @pytest.mark.parametrize("state, name", [({"skipped_steps": 1}, "steps"), ({"steps": 2}, "skipped_steps"),
                                          ({"steps": -1, "skipped_steps": 0}, "steps"),
                                          ({"steps": 1, "skipped_steps": 0.5}, "skipped_steps"),
+                                         ({"steps": 1.5, "skipped_steps": 0}, "steps"),
+                                         ({"steps": "3", "skipped_steps": 0}, "steps"),
+                                         ({"steps": 1, "skipped_steps": -1}, "skipped_steps"),
+                                         ({"steps": 1, "skipped_steps": torch.tensor(-2)}, "skipped_steps"),
+                                         ({"steps": 1, "skipped_steps": 0, "last_report": dict(
+                                             total_norm="big", clip_coef=1.0, found_inf=0.0, nonfinite_count=0)},
+                                          "total_norm"),
                                          ([1, 2], "state_dict")])
 def test_bad_state_dicts_fail_naming_the_key(state, name):
     # issue 11 item 13: load_state_dict({"skipped_steps": 1}) raised AttributeError: 'int' object has no 'clone'
@@ -359,6 +366,8 @@ def test_bad_state_dicts_fail_naming_the_key(state, name):
         guard.load_state_dict(state)
     guard.load_state_dict({"steps": 4, "skipped_steps": 2})  # ints are fine; last_report optional
     assert guard.steps == 4 and guard.skipped_steps.item() == 2 and guard.last_norm is None
+    guard.load_state_dict({"steps": 5.0, "skipped_steps": torch.tensor(3)})  # integral numbers too
+    assert guard.steps == 5 and guard.skipped_steps.item() == 3
 
 
 @pytest.mark.parametrize("name", ["sgd-fused", "adam-fused"])
