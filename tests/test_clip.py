@@ -392,6 +392,8 @@ def test_empty_generator_warns_like_pytorch():
 
 
 @pytest.mark.parametrize("kwargs, name", [({"norm_type": 0.0}, "norm_type"), ({"norm_type": -1.0}, "norm_type"),
+                                          ({"norm_type": -math.inf}, "norm_type"),
+                                          ({"norm_type": math.nan}, "norm_type"), ({"max_norm": math.nan}, "max_norm"),
                                           ({"max_norm": -0.5}, "max_norm"), ({"max_norm": "big"}, "max_norm")])
 def test_norms_pytorch_accepts_but_that_are_not_norms_are_refused(kwargs, name):
     # README deviation: PyTorch accepts norm_type <= 0 (0 counts nonzeros, < 0 is no norm) and max_norm < 0
@@ -475,3 +477,26 @@ def test_gradients_with_a_graph_are_scaled_without_recording_it(device):
     total = nanfuse.clip_grad_norm_([w], 1.0)
     assert not total.requires_grad and w.grad.grad_fn is grad.grad_fn  # nothing recorded on top
     assert_close(w.grad.detach(), before.double() / (grad_norm_ref([before]) + 1e-6), torch.float32, "clipped")
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
+def test_complex_and_integer_gradients_are_refused_naming_the_parameter(dtype):
+    # README deviation: only floating-point gradients are supported (PyTorch takes complex magnitudes)
+    grads = [torch.randn(3), torch.ones(3, dtype=dtype)]
+    with pytest.raises(TypeError, match="parameters\\[1\\].*floating point"):
+        nanfuse.grad_norm_check(grads)
+
+
+def test_the_coefficient_is_exact_down_to_fp32_smallest_normal_and_bounded_below(device):
+    # issue 11 follow-up 6, README bound: the gradients are scaled by the coefficient rounded to fp32: exact to
+    # a relative 2**-24 while it is >= 2**-126, off by at most 2**-150 absolute (a subnormal) below
+    grads = torch.full((4,), 3e38, device=device)  # norm 6e38
+    for max_norm in (6e38 * 1.5 * 2.0**-126, 1e-6, 6e38 * 2.0**-151):
+        p = torch.nn.Parameter(torch.zeros(4, device=device))
+        p.grad = grads.clone()
+        nanfuse.clip_grad_norm_([p], max_norm)
+        coef = max_norm / 6e38
+        want = 3e38 * coef
+        bound = 2.0**-23 if coef >= 2.0**-126 else 2.0**-150 / coef + 2.0**-23
+        assert abs(p.grad[0].item() - want) <= bound * want, (max_norm, p.grad[0].item(), want)
+    assert p.grad.eq(0).all()  # a coefficient under 2**-150 rounds to 0
