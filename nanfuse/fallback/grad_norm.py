@@ -8,8 +8,8 @@ kernel's partials, and the final norm is formed in log space, so it saturates in
 In eager mode on CPU (where reading a value is free) the pieces' norms come first from one fused
 foreach pass (G bytes read; pieces of at most CHUNK elements keep fp32 accumulation within 2e-7), and
 only pieces whose direct norm may have overflowed, underflowed or met a NaN/Inf are read again,
-scaled; elsewhere (CUDA with NANFUSE_BACKEND=torch, or under torch.compile) every piece takes the
-branch-free scaled path: NaN and Inf counts, max, scaled sum, each one pass over it.
+scaled; elsewhere (CUDA with NANFUSE_BACKEND=torch, or under torch.compile) every tensor is one piece
+and takes the branch-free scaled path: NaN and Inf counts, max, scaled sum (in fp64), each one pass.
 """
 
 import math
@@ -32,11 +32,11 @@ def norm_dtype(grads):
 
 
 def _pieces(grads):
-    """The gradients as flat pieces of at most CHUNK elements (views where the gradient is contiguous)."""
+    """The gradients as pieces of at most CHUNK elements: small ones as they are, large ones as flat views
+    (a copy where the gradient is not contiguous)."""
     pieces = []
     for g in grads:
-        flat = g.detach().reshape(-1)
-        pieces.extend(flat.split(CHUNK) if flat.numel() > CHUNK else (flat,))
+        pieces.extend(g.reshape(-1).split(CHUNK) if g.numel() > CHUNK else (g,))
     return pieces
 
 
@@ -69,18 +69,20 @@ def pair_norm(scale, total, norm_type):
     return torch.where(scale > 0, scale * root, 0.0).clamp(max=FP64_MAX)
 
 
-def _robust_pairs(pieces, norm_type):
-    """Per piece: (max |g| over finite values, sum of (|g| / max) ** p in fp64, NaN count, Inf count)."""
+def _robust_pairs(pieces, norm_type, acc):
+    """Per piece: (max |g| over finite values, sum of (|g| / max) ** p summed in fp64, NaN count, Inf count);
+    the ratios are formed in acc."""
     scales, sums, nans, infs = [], [], [], []
     for g in pieces:
         nans.append(torch.isnan(g).sum())
         infs.append(torch.isinf(g).sum())
-        magnitude = torch.where(torch.isfinite(g), g.abs(), 0.0)
-        top = magnitude.amax().double() if magnitude.numel() else magnitude.new_zeros((), dtype=torch.float64)
+        magnitude = torch.where(torch.isfinite(g), g.abs(), 0.0).to(acc)
+        top = magnitude.amax()
         # a division (correctly rounded), not a reciprocal: fine if top is subnormal
-        ratio = magnitude.double() / torch.where(top > 0, top, 1.0)
-        scales.append(top)
-        sums.append(torch.ones_like(top) if norm_type == math.inf else ratio.pow(norm_type).sum())
+        ratio = magnitude / torch.where(top > 0, top, 1.0)
+        scales.append(top.double())
+        sums.append(torch.ones_like(top, dtype=torch.float64) if norm_type == math.inf
+                    else ratio.pow(norm_type).sum(dtype=torch.float64))
     return scales, sums, nans, infs
 
 
@@ -97,16 +99,17 @@ def _direct_norms(pieces, norm_type, acc):
 
 def piece_pairs(grads, norm_type, acc):
     """(scales (K,) fp64, sums (K,) fp64, NaN count, Inf count) over the finite values of gradients on one
-    device, as K pieces; the direct norms accumulate in acc."""
-    pieces = _pieces(grads)
-    if not may_read_values(pieces[0]):
-        scales, sums, nans, infs = _robust_pairs(pieces, norm_type)
+    device, as K pieces: whole tensors on the scaled path (its sums are fp64), runs of at most CHUNK elements
+    on the direct one (which accumulates in acc)."""
+    if not may_read_values(grads[0]):
+        scales, sums, nans, infs = _robust_pairs(grads, norm_type, acc)
         return torch.stack(scales), torch.stack(sums), torch.stack(nans).sum(), torch.stack(infs).sum()
-    scales, suspects = _direct_norms(pieces, norm_type, acc)  # CPU, eager: reading is free
+    pieces = _pieces(grads)  # CPU, eager: reading is free
+    scales, suspects = _direct_norms(pieces, norm_type, acc)
     sums = torch.ones_like(scales)  # a direct norm n is the pair (n, 1)
     nans = infs = torch.zeros((), dtype=torch.int64)
     if suspects:  # a NaN/Inf, or finite values whose p-th powers overflowed or underflowed: again, scaled
-        again = _robust_pairs([pieces[i] for i in suspects], norm_type)
+        again = _robust_pairs([pieces[i] for i in suspects], norm_type, acc)
         index = torch.tensor(suspects)
         scales[index], sums[index] = torch.stack(again[0]), torch.stack(again[1])
         nans, infs = torch.stack(again[2]).sum(), torch.stack(again[3]).sum()
