@@ -270,7 +270,6 @@ def _all_reduce(finite_norm, counts, norm_type, groups):
     return top * packed[0] ** (1.0 / norm_type), packed[1:].to(torch.int64)
 
 
-@torch.no_grad()
 def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
     """GradNormReport over all gradients, and a function that scales them all by a device factor.
 
@@ -278,6 +277,11 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
     report is of the gradients times inv_scale, read as they are (no unscaling pass first). Both run under
     torch.no_grad(), as PyTorch's clip: gradients from backward(create_graph=True) are scaled unrecorded.
     """
+    with torch.no_grad():  # a context, not a decorator: Dynamo leaves grad mode off after a decorated call
+        return _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale)
+
+
+def _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale):
     norm_type, _ = _norm_kind(norm_type)
     max_norm = check_max_norm(max_norm)
     if not grads:
@@ -309,10 +313,10 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
         result, _, counts = torch_path.finish(finite_norm, counts, max_norm, dtype)
     report = GradNormReport(result[0], result[1], result[2].float(), counts.sum())
 
-    @torch.no_grad()
     def scale_all(coef):
-        for device, scale_ in scalers:
-            scale_(coef.to(device, non_blocking=True))
+        with torch.no_grad():
+            for device, scale_ in scalers:
+                scale_(coef.to(device, non_blocking=True))
 
     return report, scale_all
 
