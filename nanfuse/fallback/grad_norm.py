@@ -1,15 +1,17 @@
 """Global gradient norm with non-finite check in pure PyTorch: the CPU path of kernels/grad_norm.py.
 
-Same outputs and numerics strategy: every piece of the gradients (a tensor, or a run of CHUNK elements
-of a large one) is described by a pair (scale, sum) in fp64 with norm = scale * sum ** (1 / p): its
-max |g| and the sum of (|g| / max) ** p over its finite values, which can neither overflow nor
-underflow over the whole finite range (subnormals included), for any p. Pairs are combined like the
-kernel's partials, and the final norm is formed in log space, so it saturates instead of overflowing.
-In eager mode on CPU (where reading a value is free) the pieces' norms come first from one fused
-foreach pass (G bytes read; pieces of at most CHUNK elements keep fp32 accumulation within 2e-7), and
-only pieces whose direct norm may have overflowed, underflowed or met a NaN/Inf are read again,
-scaled; elsewhere (CUDA with NANFUSE_BACKEND=torch, or under torch.compile) every tensor is one piece
-and takes the branch-free scaled path: NaN and Inf counts, max, scaled sum (in fp64), each one pass.
+Same outputs and numerics strategy: every piece of the gradients is described by a pair (scale, sum)
+in fp64 with norm = scale * sum ** (1 / p): its max |g| and the sum of (|g| / max) ** p over its
+finite values, which can neither overflow nor underflow over the whole finite range (subnormals
+included), for any p. Pairs are combined like the kernel's partials, and the final norm is formed in
+log space, so it saturates instead of overflowing. In eager mode on CPU (where reading a value is
+free) the pieces' norms come first from PyTorch's norms, one read of G bytes: gradients of at most
+ROW elements in one fused foreach pass, larger ones as rows of ROW elements (PyTorch accumulates a
+norm in order, so fp32 over millions of values errs by 1e-3 and more; over 256, within 3e-6); only
+gradients with a piece whose direct norm may have overflowed, underflowed or met a NaN/Inf are read
+again, scaled. Elsewhere (CUDA with NANFUSE_BACKEND=torch, or under torch.compile) every tensor is one
+piece and takes the branch-free scaled path: NaN and Inf counts, max, scaled sum (in fp64), each one
+pass.
 """
 
 import math
@@ -21,7 +23,7 @@ from .._backend import may_read_values
 # a direct sum of p-th powers S is trusted when S >= numel * SAFE_SUM[acc]: every term that lost bits to
 # underflow (each off by less than the smallest normal) then changes S by under 2**-26 of itself
 SAFE_SUM = {torch.float32: 2.0**-100, torch.float64: 2.0**-960}
-CHUNK = 1 << 16  # elements per piece: fp32 accumulation over 65,536 randn values errs by about 1.5e-7
+ROW = 256  # elements per piece: PyTorch's CPU norms accumulate in order, over 256 values within 3e-6
 FP64_MAX = torch.finfo(torch.float64).max
 
 
@@ -31,13 +33,14 @@ def norm_dtype(grads):
     return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
 
 
-def _pieces(grads):
-    """The gradients as pieces of at most CHUNK elements: small ones as they are, large ones as flat views
-    (a copy where the gradient is not contiguous)."""
-    pieces = []
-    for g in grads:
-        pieces.extend(g.reshape(-1).split(CHUNK) if g.numel() > CHUNK else (g,))
-    return pieces
+def _row_norms(g, norm_type, acc):
+    """Norms (accumulated in acc) of g's runs of ROW elements, in order (g is copied where not contiguous)."""
+    flat = g.reshape(-1)
+    cut = flat.numel() - flat.numel() % ROW
+    rows = [torch.linalg.vector_norm(flat[:cut].view(-1, ROW), norm_type, dim=1, dtype=acc)] if cut else []
+    if cut < flat.numel():
+        rows.append(torch.linalg.vector_norm(flat[cut:], norm_type, dtype=acc).reshape(1))
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
 def combine_pairs(scales, sums, norm_type):
@@ -86,34 +89,44 @@ def _robust_pairs(pieces, norm_type, acc):
     return scales, sums, nans, infs
 
 
-def _direct_norms(pieces, norm_type, acc):
-    """(fp64 norms, suspects) from one fused foreach pass accumulating in acc; suspects are the indices of
-    pieces whose direct norm may be wrong (non-finite, or a sum of p-th powers too small to trust)."""
-    norms = torch.stack(torch._foreach_norm(pieces, norm_type, dtype=acc)).double()
-    suspect = ~torch.isfinite(norms)
-    if norm_type != math.inf:  # the max is exact; sums of p-th powers can lose tiny terms
-        numels = torch.tensor([g.numel() for g in pieces], dtype=torch.float64)
-        suspect |= norms.pow(norm_type) < numels * SAFE_SUM[acc]
-    return norms, suspect.nonzero().flatten().tolist()
+def _direct_norms(grads, norm_type, acc):
+    """(fp64 norms of pieces, owner: the gradient of each piece, suspects: indices of gradients that have a piece
+    whose direct norm may be wrong (non-finite, or a sum of p-th powers too small to trust)). Gradients of at
+    most ROW elements are one piece each, in one fused foreach pass; larger ones are pieces of ROW elements."""
+    small = [i for i, g in enumerate(grads) if g.numel() <= ROW]
+    norms = [None] * len(grads)
+    if small:
+        for i, norm in zip(small, torch._foreach_norm([grads[i] for i in small], norm_type, dtype=acc)):
+            norms[i] = norm.reshape(1)
+    for i, g in enumerate(grads):
+        if g.numel() > ROW:
+            norms[i] = _row_norms(g, norm_type, acc)
+    flat = torch.cat(norms).double()
+    suspect = ~torch.isfinite(flat)
+    if norm_type != math.inf:  # the max is exact; sums of p-th powers can lose tiny terms (ROW: a piece's most)
+        suspect |= flat.pow(norm_type) < ROW * SAFE_SUM[acc]
+    if not suspect.any():
+        return flat, None, []
+    owner = torch.repeat_interleave(torch.arange(len(grads)), torch.tensor([len(n) for n in norms]))
+    return flat, owner, owner[suspect].unique().tolist()
 
 
 def piece_pairs(grads, norm_type, acc):
     """(scales (K,) fp64, sums (K,) fp64, NaN count, Inf count) over the finite values of gradients on one
-    device, as K pieces: whole tensors on the scaled path (its sums are fp64), runs of at most CHUNK elements
+    device, as K pieces: whole tensors on the scaled path (its sums are fp64), runs of at most ROW elements
     on the direct one (which accumulates in acc)."""
     if not may_read_values(grads[0]):
         scales, sums, nans, infs = _robust_pairs(grads, norm_type, acc)
         return torch.stack(scales), torch.stack(sums), torch.stack(nans).sum(), torch.stack(infs).sum()
-    pieces = _pieces(grads)  # CPU, eager: reading is free
-    scales, suspects = _direct_norms(pieces, norm_type, acc)
+    scales, owner, suspects = _direct_norms(grads, norm_type, acc)  # CPU, eager: reading is free
     sums = torch.ones_like(scales)  # a direct norm n is the pair (n, 1)
-    nans = infs = torch.zeros((), dtype=torch.int64)
-    if suspects:  # a NaN/Inf, or finite values whose p-th powers overflowed or underflowed: again, scaled
-        again = _robust_pairs([pieces[i] for i in suspects], norm_type, acc)
-        index = torch.tensor(suspects)
-        scales[index], sums[index] = torch.stack(again[0]), torch.stack(again[1])
-        nans, infs = torch.stack(again[2]).sum(), torch.stack(again[3]).sum()
-    return scales, sums, nans, infs
+    if not suspects:
+        return scales, sums, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+    # a NaN/Inf, or finite values whose p-th powers overflowed or underflowed: that gradient again, scaled
+    scales = torch.where(torch.isin(owner, torch.tensor(suspects)), 0.0, scales)
+    again = _robust_pairs([grads[i] for i in suspects], norm_type, acc)
+    return (torch.cat([scales, torch.stack(again[0])]), torch.cat([sums, torch.stack(again[1])]),
+            torch.stack(again[2]).sum(), torch.stack(again[3]).sum())
 
 
 def grad_norm(grads, max_norm, norm_type):
