@@ -438,3 +438,7 @@ def test_guards_sharing_a_grad_scaler_evolve_it_as_pytorch():
     with pytest.raises(ValueError, match="update_scaler=False"):  # a second guard updating the same scaler
         nanfuse.NanGuard(torch.optim.SGD(model[2].parameters(), lr=0.1), scaler=scaler)
     assert first.update_scaler
+    from nanfuse.integrations.transformers import GuardedOptimizer
+
+    second = GuardedOptimizer(torch.optim.SGD(model[2].parameters(), lr=0.1), scaler=scaler, update_scaler=False)
+    assert not second.guard.update_scaler  # GuardedOptimizer passes it on
