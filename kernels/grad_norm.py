@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Launch, warps_for_block
+from .common import Launch, load_fp32, warps_for_block
 
 BLOCK_SIZE = 4096
 NORM_INF, NORM_1, NORM_2, NORM_P = 0, 1, 2, 3
@@ -73,10 +73,10 @@ def _load_block(data_ptrs_ptr, numels_ptr, block_starts_ptr, t, block, DTYPE: tl
                                          BLOCK_SIZE)
     offsets = first + tl.arange(0, BLOCK_SIZE)
     if first + BLOCK_SIZE <= numel:  # a whole block: no mask, so the compiler can use 16-byte loads
-        g = tl.load(data + offsets)
+        g = load_fp32(data + offsets, None, None)
     else:
-        g = tl.load(data + offsets, mask=offsets < numel, other=0.0)
-    return g.to(tl.float32)
+        g = load_fp32(data + offsets, offsets < numel, 0.0)
+    return g
 
 
 @triton.jit
@@ -155,15 +155,19 @@ def grad_norm_finalize_kernel(
         nan_count += tl.sum(tl.load(nan_count_ptr + idx, mask=mask, other=0).to(tl.int64), 0)
         inf_count += tl.sum(tl.load(inf_count_ptr + idx, mask=mask, other=0).to(tl.int64), 0)
     if NORM_KIND == 0:
-        root = tl.full([], 1.0, tl.float32)
+        root = tl.full([], 1.0, tl.float64)
     elif NORM_KIND == 1:
-        root = total
+        root = total.to(tl.float64)
     elif NORM_KIND == 2:
-        root = tl.sqrt_rn(total)
-    else:
-        root = tl.exp2(tl.log2(total) / norm_type)
-    # in fp64 the product is exact and cannot overflow: the norm of 1e38-sized values is above fp32's range
-    finite_norm = tl.where(overall_max > 0.0, overall_max.to(tl.float64) * root.to(tl.float64), 0.0)
+        root = tl.sqrt_rn(total).to(tl.float64)
+    else:  # total ** (1 / p) as 2**f * 2**n: an integer n, built exactly in fp64, keeps a small p from overflowing
+        log2_root = tl.log2(total).to(tl.float64) / norm_type
+        exponent = tl.minimum(tl.maximum(tl.floor(log2_root), -1022.0), 1024.0)  # 1024: the bits of fp64's inf
+        power = ((exponent.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+        root = tl.exp2((log2_root - exponent).to(tl.float32)).to(tl.float64) * power
+    # in fp64 the product is exact and cannot overflow fp64 for fp32 maxima: the norm of 1e38-sized values is
+    # above fp32's range; only a tiny p takes it past fp64's (Inf here: the coefficient is then 0 in fp32)
+    finite_norm = tl.where(overall_max > 0.0, overall_max.to(tl.float64) * root, 0.0)
     saturated = tl.minimum(finite_norm, 3.4028234663852886e38).to(tl.float32)
     norm = tl.where(nan_count > 0, float("nan"), tl.where(inf_count > 0, float("inf"), saturated))
     found_inf = tl.where(nan_count + inf_count > 0, 1.0, 0.0)
@@ -173,7 +177,7 @@ def grad_norm_finalize_kernel(
     tl.store(result_ptr, norm)
     tl.store(result_ptr + 1, coef)
     tl.store(result_ptr + 2, found_inf)
-    tl.store(finite_norm_ptr, finite_norm)
+    tl.store(finite_norm_ptr, tl.minimum(finite_norm, 1.7976931348623157e308))
     tl.store(counts_ptr, nan_count)
     tl.store(counts_ptr + 1, inf_count)
 

@@ -249,7 +249,8 @@ def _combine(parts, norm_type):
     device = parts[0][0].device
     norms = torch.stack([norm.to(device, non_blocking=True) for norm, _ in parts])
     counts = torch.stack([c.to(device, non_blocking=True) for _, c in parts]).sum(0)
-    return torch_path._scaled_norm(norms, norm_type), counts
+    scale, total = torch_path.combine_pairs(norms, torch.ones_like(norms), norm_type)  # a norm n is the pair (n, 1)
+    return torch_path.pair_norm(scale, total, norm_type), counts
 
 
 def _all_reduce(finite_norm, counts, norm_type, groups):
@@ -273,8 +274,14 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
     """GradNormReport over all gradients, and a function that scales them all by a device factor.
 
     With `inv_scale` (a 0-dim device tensor: GradScaler's 1 / scale) the gradients are loss-scaled: the
-    report is of the gradients times inv_scale, read as they are (no unscaling pass first).
+    report is of the gradients times inv_scale, read as they are (no unscaling pass first). Both run under
+    torch.no_grad(), as PyTorch's clip: gradients from backward(create_graph=True) are scaled unrecorded.
     """
+    with torch.no_grad():  # a context, not a decorator: Dynamo leaves grad mode off after a decorated call
+        return _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale)
+
+
+def _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale):
     norm_type, _ = _norm_kind(norm_type)
     max_norm = check_max_norm(max_norm)
     if not grads:
@@ -307,8 +314,9 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
     report = GradNormReport(result[0], result[1], result[2].float(), counts.sum())
 
     def scale_all(coef):
-        for device, scale_ in scalers:
-            scale_(coef.to(device, non_blocking=True))
+        with torch.no_grad():
+            for device, scale_ in scalers:
+                scale_(coef.to(device, non_blocking=True))
 
     return report, scale_all
 
@@ -342,6 +350,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     `process_group` reduces the norm over ranks that each hold a shard of plain-tensor gradients
     (DTensor gradients are reduced over their mesh without it). Cost: G bytes moved, 3G when clipping.
     """
+    if max_norm is None:  # as PyTorch's float(max_norm); clip_and_check_ and grad_norm_check take None: no clip
+        raise TypeError("max_norm must be a number >= 0, got None")
     report = clip_and_check_(parameters, max_norm, norm_type, process_group=process_group)
     if error_if_nonfinite and bool(report.found_inf):  # opt-in: one host sync
         raise RuntimeError(f"The total norm of order {float(norm_type)} for gradients from `parameters` is "

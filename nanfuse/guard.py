@@ -16,7 +16,9 @@ One guard.step(), with G the bytes of all gradients:
    - LBFGS (its step re-evaluates the closure): every evaluation is checked and clipped; a non-finite one
      stops the step, and parameters and state are put back from a copy taken before it;
 3. with a GradScaler, its state is advanced exactly as unscale_/step/update would (same scale, same
-   growth tracker); the skipped-step counter is advanced on the device.
+   growth tracker); the skipped-step counter is advanced on the device. Guards that share one GradScaler
+   (one per optimizer, PyTorch's multi-optimizer AMP recipe) are made with update_scaler=False and the
+   caller runs scaler.update() once after all of them, as after several scaler.step() calls.
 A skipped step leaves parameters and optimizer state bit-for-bit as they were.
 Under torch.compile the norm, the scaling and the fused optimizer's step go through the registered
 ops (nanfuse/_ops.py), so guard.step() compiles with fullgraph=True.
@@ -24,6 +26,7 @@ ops (nanfuse/_ops.py), so guard.step() compiles with fullgraph=True.
 
 import collections.abc
 import copy
+import weakref
 
 import torch
 from torch.amp.grad_scaler import OptState
@@ -35,13 +38,19 @@ FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.
 SMALLEST_FACTOR = 2.0**-100  # a fused optimizer's grad_scale is 1 / factor, in fp32: it must stay finite
 
 
+# the state entry a fused optimizer's first step creates for a parameter (Adagrad creates its state in __init__)
+_FIRST_STEP_KEY = {torch.optim.Adam: "exp_avg", torch.optim.AdamW: "exp_avg", torch.optim.SGD: "momentum_buffer"}
+
+
 def _creates_state(optimizer):
-    """True when optimizer.step() would create state for a parameter that has a gradient (its first step)."""
+    """True when optimizer.step() would create state for a parameter that has a gradient (its first step):
+    checked per parameter (an entry that was only read, and so exists empty, still counts as missing)."""
+    key = next((k for cls, k in _FIRST_STEP_KEY.items() if isinstance(optimizer, cls)), None)
     stateful = [group for group in optimizer.param_groups
                 if not (isinstance(optimizer, torch.optim.SGD) and group["momentum"] == 0)]  # SGD keeps none
-    if len(optimizer.state) >= sum(len(group["params"]) for group in stateful):
-        return False
-    return any(p.grad is not None and not optimizer.state.get(p) for group in stateful for p in group["params"])
+    return any(p.grad is not None and (key not in optimizer.state[p] if key and p in optimizer.state
+                                       else not optimizer.state.get(p))
+               for group in stateful for p in group["params"])
 
 
 def fused_step(optimizer, grad_scale, found_inf):
@@ -69,14 +78,33 @@ def _scaler_state(scaler, optimizer):
     return state
 
 
+_UPDATING_GUARDS = weakref.WeakKeyDictionary()  # GradScaler -> the live guards that call its update()
+
+
+def _count(value, key):
+    """A state_dict count (int, integral float, or one-element tensor of such) as an int >= 0, or a ValueError
+    naming `key`."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"state_dict[{key!r}] must be an integral number >= 0, got {value!r}")
+    return value
+
+
 class _NonFiniteEvaluation(Exception):
     """Raised from inside LBFGS's step by a closure evaluation whose gradients are not all finite."""
 
 
 class NanGuard:
-    """Wraps an optimizer: guard.step() clips and checks all gradients, then steps only if all are finite."""
+    """Wraps an optimizer: guard.step() clips and checks all gradients, then steps only if all are finite.
 
-    def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None, process_group=None, watch=None):
+    update_scaler=False leaves scaler.update() to the caller (guards sharing a GradScaler); only one live
+    guard per GradScaler may update it (ValueError otherwise). watch: a nanfuse.NanWatch fed each step's report."""
+
+    def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None, process_group=None,
+                 update_scaler=True, watch=None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, torch.optim.SparseAdam):
@@ -85,11 +113,20 @@ class NanGuard:
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         if scaler is not None and isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError("scaler: a GradScaler does not support closures, which LBFGS needs")
+        if scaler is not None and update_scaler:
+            if any(guard is not self for guard in _UPDATING_GUARDS.get(scaler, ())):
+                raise ValueError("scaler: another NanGuard already calls scaler.update() on this GradScaler; guards "
+                                 "sharing one must be made with update_scaler=False, and scaler.update() called "
+                                 "once per iteration after every guard.step()")
+            _UPDATING_GUARDS.setdefault(scaler, weakref.WeakSet()).add(self)
         self.optimizer = optimizer
         self.max_norm = check_max_norm(max_norm)
         self.norm_type = _norm_kind(norm_type)[0]
         self.scaler = scaler
         self.process_group = process_group
+        self.update_scaler = bool(update_scaler)
+        if watch is not None and not callable(getattr(watch, "observe", None)):
+            raise TypeError(f"watch must be a nanfuse.NanWatch or None, got {type(watch).__name__}")
         self.watch = watch  # a NanWatch: it gets each step's report (nanfuse/watch), and localises bad steps
         self.steps = 0
         self.skipped_steps = torch.zeros((), dtype=torch.int64)  # moved to the gradients' device on use
@@ -146,7 +183,7 @@ class NanGuard:
             factor = report.clip_coef.double() if inv_scale is None else report.clip_coef.double() * inv_scale
             if self.max_norm is not None:  # a factor below 2**-100 (norms near 1e38) is applied in a pass first
                 kept = factor.clamp(min=SMALLEST_FACTOR)
-                scale_all((factor / kept).float())  # exactly 1 otherwise: free on CPU and in the kernel
+                scale_all((factor / kept).to(report.clip_coef.dtype))  # exactly 1 otherwise: free on CPU, in the kernel
                 factor = kept
             # the optimizer divides by grad_scale (fp32 for PyTorch's fused kernels): g * (1 / scale) * coef
             self._fused_step((1.0 / factor).float(), found_inf)
@@ -163,7 +200,7 @@ class NanGuard:
                     scale_all(report.clip_coef)
                 if not bool(found_inf):  # the one host read per step
                     self.optimizer.step()
-        if scaler is not None:
+        if scaler is not None and self.update_scaler:
             scaler.update()
         self.steps += 1
         self.last_report = report
@@ -203,6 +240,8 @@ class NanGuard:
         self.skipped_steps = self.skipped_steps + skipped
         self.steps += 1
         self.last_report = reports[-1]
+        if self.watch is not None:  # the evaluation that stopped the step, or the last one
+            self.watch.observe(self.last_report)
         return self.last_report
 
     def _fused_step(self, grad_scale, found_inf):
@@ -234,20 +273,17 @@ class NanGuard:
         for key in ("steps", "skipped_steps"):
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r}: expected a dict from NanGuard.state_dict()")
-        steps, skipped = state_dict["steps"], state_dict["skipped_steps"]
-        if isinstance(steps, torch.Tensor):
-            steps = int(steps)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"state_dict['steps'] must be an int >= 0, got {steps!r}")
-        if isinstance(skipped, bool) or not isinstance(skipped, (int, torch.Tensor)) or (
-                isinstance(skipped, torch.Tensor) and (skipped.numel() != 1 or skipped.is_floating_point())):
-            raise ValueError(f"state_dict['skipped_steps'] must be an int or a one-element integer tensor, "
-                             f"got {skipped!r}")
+        steps, skipped = _count(state_dict["steps"], "steps"), _count(state_dict["skipped_steps"], "skipped_steps")
         report = state_dict.get("last_report")
         if report is not None:
             if not isinstance(report, collections.abc.Mapping) or set(report) != set(GradNormReport._fields):
                 raise ValueError(f"state_dict['last_report'] must be None or a dict of {GradNormReport._fields}")
-            report = GradNormReport(**{k: torch.as_tensor(v).clone() for k, v in report.items()})
+            for key, value in report.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)) or (
+                        isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_complex())):
+                    raise ValueError(f"state_dict['last_report'][{key!r}] must be a number or a one-element "
+                                     f"tensor, got {value!r}")
+            report = GradNormReport(**{k: torch.as_tensor(v).reshape(()).clone() for k, v in report.items()})
         self.steps = steps
-        self.skipped_steps = torch.as_tensor(skipped).to(torch.int64).reshape(()).clone()
+        self.skipped_steps = torch.tensor(skipped, dtype=torch.int64)
         self.last_report = report

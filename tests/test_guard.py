@@ -351,6 +351,13 @@ def test_bad_arguments_fail_at_construction_naming_them(make, error, name):
 @pytest.mark.parametrize("state, name", [({"skipped_steps": 1}, "steps"), ({"steps": 2}, "skipped_steps"),
                                          ({"steps": -1, "skipped_steps": 0}, "steps"),
                                          ({"steps": 1, "skipped_steps": 0.5}, "skipped_steps"),
+                                         ({"steps": 1.5, "skipped_steps": 0}, "steps"),
+                                         ({"steps": "3", "skipped_steps": 0}, "steps"),
+                                         ({"steps": 1, "skipped_steps": -1}, "skipped_steps"),
+                                         ({"steps": 1, "skipped_steps": torch.tensor(-2)}, "skipped_steps"),
+                                         ({"steps": 1, "skipped_steps": 0, "last_report": dict(
+                                             total_norm="big", clip_coef=1.0, found_inf=0.0, nonfinite_count=0)},
+                                          "total_norm"),
                                          ([1, 2], "state_dict")])
 def test_bad_state_dicts_fail_naming_the_key(state, name):
     # issue 11 item 13: load_state_dict({"skipped_steps": 1}) raised AttributeError: 'int' object has no 'clone'
@@ -359,3 +366,79 @@ def test_bad_state_dicts_fail_naming_the_key(state, name):
         guard.load_state_dict(state)
     guard.load_state_dict({"steps": 4, "skipped_steps": 2})  # ints are fine; last_report optional
     assert guard.steps == 4 and guard.skipped_steps.item() == 2 and guard.last_norm is None
+    guard.load_state_dict({"steps": 5.0, "skipped_steps": torch.tensor(3)})  # integral numbers too
+    assert guard.steps == 5 and guard.skipped_steps.item() == 3
+
+
+@pytest.mark.parametrize("name", ["sgd-fused", "adam-fused"])
+def test_a_state_entry_read_before_the_first_step_does_not_hide_it(name):
+    # issue 11 follow-up 3: reading optimizer.state[p] before training creates an empty entry; the guard then
+    # took the first step for one that creates no state, and a skipped first step left a NaN momentum buffer
+    model = make_model()
+    optimizer = OPTIMIZERS[name](model.parameters())
+    guard = nanfuse.NanGuard(optimizer, max_norm=1.0)
+    for p in model.parameters():
+        assert not optimizer.state[p]  # a defaultdict: an empty entry per parameter
+    x, y = batch(0)
+    nanfuse.cross_entropy(model(x), y).backward()
+    model[0].bias.grad[0] = float("nan")
+    guard.step()
+    assert guard.skipped_steps.item() == 1
+    assert all(not state for state in optimizer.state.values()), "a skipped first step created state"
+    guard.zero_grad()
+    for step in (1, 2):
+        x, y = batch(step)
+        nanfuse.cross_entropy(model(x), y).backward()
+        guard.step()
+        guard.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def shared_scaler_run(theirs):
+    """Two models and optimizers, one GradScaler, the loss of both in one backward: PyTorch's multi-optimizer
+    AMP recipe (scaler.step(o1); scaler.step(o2); scaler.update()) or two guards; (parameters, scales)."""
+    torch.manual_seed(0)
+    models = [make_model(), make_model()]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    guards = [nanfuse.NanGuard(o, max_norm=0.5, scaler=scaler, update_scaler=False) for o in optimizers]
+    scales = []
+    for step in range(6):
+        x, y = batch(step)
+        scaler.scale(sum(torch.nn.functional.cross_entropy(m(x), y) for m in models)).backward()
+        if step == 3:  # an overflow in the second model only: both optimizers skip, the scale backs off once
+            models[1][2].bias.grad[0] = float("inf")
+        if theirs:
+            for model, optimizer in zip(models, optimizers):
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            for optimizer in optimizers:
+                scaler.step(optimizer)
+        else:
+            for guard in guards:
+                guard.step()
+        scaler.update()
+        scales.append(scaler.get_scale())
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+    return [p.detach() for m in models for p in m.parameters()], scales
+
+
+def test_guards_sharing_a_grad_scaler_evolve_it_as_pytorch():
+    # issue 11 follow-up 4: each guard called scaler.update(): the second optimizer was unscaled with the
+    # already-changed scale and the scale grew twice per iteration
+    ours, our_scales = shared_scaler_run(theirs=False)
+    theirs, their_scales = shared_scaler_run(theirs=True)
+    assert our_scales == their_scales
+    for a, b in zip(ours, theirs):
+        assert_close(a, b.double(), torch.float32, "parameter")
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu")
+    first = nanfuse.NanGuard(torch.optim.SGD(model[0].parameters(), lr=0.1), scaler=scaler)
+    with pytest.raises(ValueError, match="update_scaler=False"):  # a second guard updating the same scaler
+        nanfuse.NanGuard(torch.optim.SGD(model[2].parameters(), lr=0.1), scaler=scaler)
+    assert first.update_scaler
+    from nanfuse.integrations.transformers import GuardedOptimizer
+
+    second = GuardedOptimizer(torch.optim.SGD(model[2].parameters(), lr=0.1), scaler=scaler, update_scaler=False)
+    assert not second.guard.update_scaler  # GuardedOptimizer passes it on

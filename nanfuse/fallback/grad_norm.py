@@ -1,12 +1,17 @@
 """Global gradient norm with non-finite check in pure PyTorch: the CPU path of kernels/grad_norm.py.
 
-Same outputs and numerics strategy: the norm of each tensor's finite values is its max |g| times the
-norm of |g| / max, which can neither overflow nor underflow over the whole finite range (subnormals
-included), kept in fp64; NaN/Inf counted. In eager mode on CPU (where reading a value is free) the
-per-tensor norms come first from one fused foreach pass (G bytes read), and only tensors whose direct
-norm may have overflowed, underflowed or met a NaN/Inf are read again, scaled; elsewhere (CUDA with
-NANFUSE_BACKEND=torch, or under torch.compile) every tensor takes the branch-free scaled path: NaN and
-Inf counts, max, scaled norm, each one pass over it.
+Same outputs and numerics strategy: every piece of the gradients is described by a pair (scale, sum)
+in fp64 with norm = scale * sum ** (1 / p): its max |g| and the sum of (|g| / max) ** p over its
+finite values, which can neither overflow nor underflow over the whole finite range (subnormals
+included), for any p. Pairs are combined like the kernel's partials, and the final norm is formed in
+log space, so it saturates instead of overflowing. In eager mode on CPU (where reading a value is
+free) the pieces' norms come first from PyTorch's norms, one read of G bytes: gradients of at most
+ROW elements in one fused foreach pass, larger ones as rows of ROW elements (PyTorch accumulates a
+norm in order, so fp32 over millions of values errs by 1e-3 and more; over 256, within 3e-6); only
+gradients with a piece whose direct norm may have overflowed, underflowed or met a NaN/Inf are read
+again, scaled. Elsewhere (CUDA with NANFUSE_BACKEND=torch, or under torch.compile) every tensor is one
+piece and takes the branch-free scaled path: NaN and Inf counts, max, scaled sum (in fp64), each one
+pass.
 """
 
 import math
@@ -18,6 +23,8 @@ from .._backend import may_read_values
 # a direct sum of p-th powers S is trusted when S >= numel * SAFE_SUM[acc]: every term that lost bits to
 # underflow (each off by less than the smallest normal) then changes S by under 2**-26 of itself
 SAFE_SUM = {torch.float32: 2.0**-100, torch.float64: 2.0**-960}
+ROW = 256  # elements per piece: PyTorch's CPU norms accumulate in order, over 256 values within 3e-6
+FP64_MAX = torch.finfo(torch.float64).max
 
 
 def norm_dtype(grads):
@@ -26,51 +33,100 @@ def norm_dtype(grads):
     return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
 
 
-def _scaled_norm(values, norm_type):
-    """p-norm of a 1-D tensor of magnitudes >= 0, as max * ||values / max||_p: no overflow, no underflow."""
-    top = values.amax() if values.numel() else values.new_zeros(())
+def _row_norms(g, norm_type, acc):
+    """Norms (accumulated in acc) of g's runs of ROW elements, in order (g is copied where not contiguous)."""
+    flat = g.reshape(-1)
+    cut = flat.numel() - flat.numel() % ROW
+    rows = [torch.linalg.vector_norm(flat[:cut].view(-1, ROW), norm_type, dim=1, dtype=acc)] if cut else []
+    if cut < flat.numel():
+        rows.append(torch.linalg.vector_norm(flat[cut:], norm_type, dtype=acc).reshape(1))
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def combine_pairs(scales, sums, norm_type):
+    """(scale, sum) fp64 0-dim pair of the norm of several pieces given as 1-D fp64 (scale, sum) pairs:
+    the largest scale, and the sums reweighted by (scale_i / scale) ** p in log space (no underflow)."""
+    top = scales.amax() if scales.numel() else scales.new_zeros(())
     if norm_type == math.inf:
-        return top
-    safe = torch.where(top > 0, top, 1.0)  # a division (correctly rounded), not a reciprocal: fine if subnormal
-    return torch.where(top > 0, top.double() * torch.linalg.vector_norm(values / safe, norm_type).double(), 0.0)
+        return top, torch.ones_like(top)
+    positive = scales > 0
+    log_ratio = torch.log2(torch.where(positive, scales, 1.0)) - torch.log2(torch.where(top > 0, top, 1.0))
+    weights = torch.where(positive, torch.exp2(norm_type * log_ratio), 0.0)
+    return top, (sums * weights).sum()
 
 
-def _robust_norms(grads, norm_type, acc):
-    """Per tensor: fp64 norm of its finite values (scaled, accumulated in acc), NaN count, Inf count."""
-    norms, nans, infs = [], [], []
-    for g in grads:
-        g = g.detach().flatten()
+def pair_log2(scale, total, norm_type):
+    """log2 of the norm scale * total ** (1 / p) (fp64; -inf for 0): it exists where the norm overflows."""
+    if norm_type == math.inf:
+        return torch.log2(scale)
+    return torch.log2(scale) + torch.log2(total) / norm_type
+
+
+def pair_norm(scale, total, norm_type):
+    """The norm scale * total ** (1 / p) in fp64, saturated at fp64's largest finite value."""
+    if norm_type == math.inf:
+        return scale
+    root = {1.0: total, 2.0: torch.sqrt(total)}.get(norm_type)
+    if root is None:
+        root = torch.exp2(torch.log2(total) / norm_type)
+    return torch.where(scale > 0, scale * root, 0.0).clamp(max=FP64_MAX)
+
+
+def _robust_pairs(pieces, norm_type, acc):
+    """Per piece: (max |g| over finite values, sum of (|g| / max) ** p summed in fp64, NaN count, Inf count);
+    the ratios are formed in acc."""
+    scales, sums, nans, infs = [], [], [], []
+    for g in pieces:
         nans.append(torch.isnan(g).sum())
         infs.append(torch.isinf(g).sum())
         magnitude = torch.where(torch.isfinite(g), g.abs(), 0.0).to(acc)
-        norms.append(_scaled_norm(magnitude, norm_type).double())
-    return norms, nans, infs
+        top = magnitude.amax()
+        # a division (correctly rounded), not a reciprocal: fine if top is subnormal
+        ratio = magnitude / torch.where(top > 0, top, 1.0)
+        scales.append(top.double())
+        sums.append(torch.ones_like(top, dtype=torch.float64) if norm_type == math.inf
+                    else ratio.pow(norm_type).sum(dtype=torch.float64))
+    return scales, sums, nans, infs
 
 
 def _direct_norms(grads, norm_type, acc):
-    """(fp64 norms, suspects) from one fused foreach pass accumulating in acc; suspects are the indices of
-    tensors whose direct norm may be wrong (non-finite, or a sum of p-th powers too small to trust)."""
-    norms = torch.stack(torch._foreach_norm(grads, norm_type, dtype=acc)).double()
-    suspect = ~torch.isfinite(norms)
-    if norm_type != math.inf:  # the max is exact; sums of p-th powers can lose tiny terms
-        numels = torch.tensor([g.numel() for g in grads], dtype=torch.float64)
-        suspect |= norms.pow(norm_type) < numels * SAFE_SUM[acc]
-    return norms, suspect.nonzero().flatten().tolist()
+    """(fp64 norms of pieces, owner: the gradient of each piece, suspects: indices of gradients that have a piece
+    whose direct norm may be wrong (non-finite, or a sum of p-th powers too small to trust)). Gradients of at
+    most ROW elements are one piece each, in one fused foreach pass; larger ones are pieces of ROW elements."""
+    small = [i for i, g in enumerate(grads) if g.numel() <= ROW]
+    norms = [None] * len(grads)
+    if small:
+        for i, norm in zip(small, torch._foreach_norm([grads[i] for i in small], norm_type, dtype=acc)):
+            norms[i] = norm.reshape(1)
+    for i, g in enumerate(grads):
+        if g.numel() > ROW:
+            norms[i] = _row_norms(g, norm_type, acc)
+    flat = torch.cat(norms).double()
+    suspect = ~torch.isfinite(flat)
+    if norm_type != math.inf:  # the max is exact; sums of p-th powers can lose tiny terms (ROW: a piece's most)
+        suspect |= flat.pow(norm_type) < ROW * SAFE_SUM[acc]
+    if not suspect.any():
+        return flat, None, []
+    owner = torch.repeat_interleave(torch.arange(len(grads)), torch.tensor([len(n) for n in norms]))
+    return flat, owner, owner[suspect].unique().tolist()
 
 
-def tensor_norms(grads, norm_type, acc):
-    """(finite norms (T,) fp64, NaN counts (T,), Inf counts (T,)) of gradients on one device, accumulated in acc."""
+def piece_pairs(grads, norm_type, acc):
+    """(scales (K,) fp64, sums (K,) fp64, NaN count, Inf count) over the finite values of gradients on one
+    device, as K pieces: whole tensors on the scaled path (its sums are fp64), runs of at most ROW elements
+    on the direct one (which accumulates in acc)."""
     if not may_read_values(grads[0]):
-        norms, nans, infs = _robust_norms(grads, norm_type, acc)
-        return torch.stack(norms), torch.stack(nans), torch.stack(infs)
-    norms, suspects = _direct_norms(grads, norm_type, acc)  # CPU, eager: reading is free
-    nans = torch.zeros(len(grads), dtype=torch.int64)
-    infs = torch.zeros(len(grads), dtype=torch.int64)
-    if suspects:  # a NaN/Inf, or finite values whose p-th powers overflowed or underflowed: again, scaled
-        again = _robust_norms([grads[i] for i in suspects], norm_type, acc)
-        for slot, (norm, nan, inf) in zip(suspects, zip(*again)):
-            norms[slot], nans[slot], infs[slot] = norm, nan, inf
-    return norms, nans, infs
+        scales, sums, nans, infs = _robust_pairs(grads, norm_type, acc)
+        return torch.stack(scales), torch.stack(sums), torch.stack(nans).sum(), torch.stack(infs).sum()
+    scales, owner, suspects = _direct_norms(grads, norm_type, acc)  # CPU, eager: reading is free
+    sums = torch.ones_like(scales)  # a direct norm n is the pair (n, 1)
+    if not suspects:
+        return scales, sums, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+    # a NaN/Inf, or finite values whose p-th powers overflowed or underflowed: that gradient again, scaled
+    scales = torch.where(torch.isin(owner, torch.tensor(suspects)), 0.0, scales)
+    again = _robust_pairs([grads[i] for i in suspects], norm_type, acc)
+    return (torch.cat([scales, torch.stack(again[0])]), torch.cat([sums, torch.stack(again[1])]),
+            torch.stack(again[2]).sum(), torch.stack(again[3]).sum())
 
 
 def grad_norm(grads, max_norm, norm_type):
@@ -80,21 +136,34 @@ def grad_norm(grads, max_norm, norm_type):
     grads = [g for g in grads if g.numel()]
     if not grads:
         return finish(torch.zeros((), dtype=torch.float64), torch.zeros(2, dtype=torch.int64), max_norm, dtype)
-    norms, nans, infs = tensor_norms(grads, norm_type, dtype)
-    return finish(_scaled_norm(norms, norm_type), torch.stack([nans.sum(), infs.sum()]), max_norm, dtype)
+    scales, sums, nans, infs = piece_pairs(grads, norm_type, dtype)
+    scale, total = combine_pairs(scales, sums, norm_type)
+    return finish(pair_norm(scale, total, norm_type), torch.stack([nans, infs]), max_norm, dtype,
+                  pair_log2(scale, total, norm_type))
 
 
-def finish(finite_norm, counts, max_norm, dtype):
+def clip_coefficient(finite_norm, max_norm, log2_norm=None):
+    """min(max_norm / (norm + 1e-6), 1) in fp64 from the saturated fp64 norm; where the norm saturated it
+    comes from log2_norm (the unsaturated norm's log2), so it is right down to fp64's smallest subnormal."""
+    direct = torch.clamp(max_norm / (finite_norm + 1e-6), max=1.0)
+    if log2_norm is None:
+        return direct
+    from_log = torch.exp2(math.log2(max_norm) - log2_norm) if max_norm > 0 else torch.zeros_like(direct)
+    return torch.where(finite_norm < FP64_MAX, direct, from_log.clamp(max=1.0))
+
+
+def finish(finite_norm, counts, max_norm, dtype, log2_norm=None):
     """(result [3] in `dtype`: norm, clip coefficient, flag; finite_norm; counts) from the fp64 norm of the
-    finite values and the NaN/Inf counts. The norm saturates at dtype's largest finite value; the
-    coefficient comes from the unsaturated fp64 norm."""
-    finite_norm = finite_norm.double().clamp(max=torch.finfo(torch.float64).max)  # fp64 gradients near 1e308
+    finite values (saturated at fp64's largest finite value; `log2_norm`, its unsaturated log2, where that may
+    have happened) and the NaN/Inf counts. The norm saturates at dtype's largest finite value; the
+    coefficient comes from the unsaturated norm."""
+    finite_norm = finite_norm.double().clamp(max=FP64_MAX)
     norm = torch.where(counts[0] > 0, math.nan,
                        torch.where(counts[1] > 0, math.inf, finite_norm.clamp(max=torch.finfo(dtype).max)))
     found_inf = (counts.sum() > 0).double()
     coef = torch.ones_like(finite_norm)
     if max_norm is not None:
-        coef = torch.where(found_inf == 0, torch.clamp(max_norm / (finite_norm + 1e-6), max=1.0), 1.0)
+        coef = torch.where(found_inf == 0, clip_coefficient(finite_norm, max_norm, log2_norm), 1.0)
     return torch.stack([norm, coef, found_inf]).to(dtype), finite_norm, counts
 
 

@@ -50,17 +50,18 @@ def use_nanfuse_loss(model):
 
 
 class GuardedOptimizer(torch.optim.Optimizer):
-    """An optimizer whose step() is NanGuard(optimizer, max_norm, norm_type, scaler=scaler).step(): clip,
-    check and step, skipping a step with a NaN or Inf gradient (see nanfuse.NanGuard). Everything else
+    """An optimizer whose step() is NanGuard(optimizer, max_norm, norm_type, scaler=..., update_scaler=...).step():
+    clip, check and step, skipping a step with a NaN or Inf gradient (see nanfuse.NanGuard). Everything else
     (param_groups, state, zero_grad, LR schedulers) is the wrapped optimizer's own; state_dict() is the
     wrapped optimizer's with the guard's (step count, skipped steps, last report) under "nanfuse_guard".
     """
 
     GUARD_KEY = "nanfuse_guard"
 
-    def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None):
+    def __init__(self, optimizer, max_norm=None, norm_type=2.0, *, scaler=None, update_scaler=True):
         # Optimizer.__init__ is not called on purpose: the groups and state are the wrapped optimizer's
-        self.guard = NanGuard(optimizer, max_norm, norm_type, scaler=scaler)  # checks the arguments
+        self.guard = NanGuard(optimizer, max_norm, norm_type, scaler=scaler,  # checks the arguments
+                              update_scaler=update_scaler)
         self.optimizer = optimizer
 
     def __getattr__(self, name):  # anything not defined here: the wrapped optimizer's
