@@ -81,6 +81,25 @@ def test_inplace_backward_refuses_probability_targets_that_require_grad():
         nanfuse.cross_entropy(logits, target, inplace_backward=True)
 
 
+@pytest.mark.parametrize("view", [lambda w: w[:], lambda w: w.view(4, 6), lambda w: w[1:]])
+def test_inplace_backward_refuses_a_view_of_a_leaf(view):
+    leaf = torch.randn(4, 6, requires_grad=True)
+    before = leaf.detach().clone()
+    x = view(leaf)
+    with pytest.raises(ValueError, match="inplace_backward") as info:
+        nanfuse.cross_entropy(x, torch.zeros(x.shape[0], dtype=torch.long), inplace_backward=True)
+    assert isinstance(info.value, RuntimeError)  # PyTorch raises RuntimeError for in-place on a view of a leaf
+    assert torch.equal(leaf.detach(), before)
+
+
+def test_inplace_backward_refuses_probability_targets_with_a_weight_that_requires_grad():
+    logits = torch.randn(3, 8, requires_grad=True) * 1
+    target = torch.softmax(torch.randn(3, 8), 1)
+    weight = torch.rand(8).requires_grad_()
+    with pytest.raises(ValueError, match="inplace_backward"):
+        nanfuse.cross_entropy(logits, target, weight=weight, inplace_backward=True)
+
+
 def test_inplace_backward_refuses_expanded_logits():
     leaf = torch.randn(1, 50, requires_grad=True)
     logits = (leaf * 1).expand(4, 50)  # stride 0 rows: one gradient row cannot hold four
