@@ -132,13 +132,20 @@ def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs
     does not track the inputs (then a first-order gradient is all that can be asked for)."""
     from .fallback.cross_entropy import differentiable_row_losses
 
+    inputs = [t for t, need in zip((logits, target, weight), needs) if need]
+
+    def rows_of(*needed):
+        given = iter(needed)
+        args = [next(given) if need else t for t, need in zip((logits, target, weight), needs)]
+        return differentiable_row_losses(*args, scalars, opts)
+
+    # torch.func.vjp, not torch.autograd.grad: inside a torch.func transform (jacrev of jacrev) autograd.grad does
+    # not see the graph of the transform's level and its gradient would be a silent 0
     with torch.enable_grad(), _backend.no_autocast(logits):
-        rows = differentiable_row_losses(logits, target, weight, scalars, opts)
+        rows, pullback = torch.func.vjp(rows_of, *inputs)
         if not rows.requires_grad:  # autograd tracks nothing here (torch.func.vjp's function, called later)
             return None
-        inputs = [t for t, need in zip((logits, target, weight), needs) if need]
-        grads = iter(torch.autograd.grad(rows, inputs, d_loss.expand_as(rows), create_graph=True,
-                                         allow_unused=True, materialize_grads=True))
+        grads = iter(pullback(d_loss.expand_as(rows)))
     return tuple(next(grads) if need else None for need in needs)
 
 

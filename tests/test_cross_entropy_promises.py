@@ -311,6 +311,26 @@ def test_torch_func_vmap_and_per_sample_gradients(reduction):
     assert_close(ours_vjp, per_sample[1][2].double() * 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["mean", "none_sum", "probabilities"])
+def test_torch_func_jacrev_of_jacrev_gives_pytorchs_hessian(case, dtype):
+    from torch.func import jacrev
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    target = torch.softmax(torch.randn(3, 5, dtype=torch.float64), 1) if case == "probabilities" else torch.tensor(
+        [0, 4, 2])
+    reduction = "none" if case == "none_sum" else "mean"
+
+    def hessian_of(ce, z, t):
+        return jacrev(jacrev(lambda zz: ce(zz, t, reduction=reduction, label_smoothing=0.1).sum()))(z)
+
+    ours = hessian_of(nanfuse.cross_entropy, x.to(dtype), target.to(dtype) if case == "probabilities" else target)
+    theirs = hessian_of(F.cross_entropy, x, target)
+    assert theirs.abs().max() > 0.01
+    assert_close(ours, theirs, dtype, "hessian")
+
+
 def test_torch_func_jvp_is_a_documented_limit():
     from torch.func import jvp
 
