@@ -238,6 +238,35 @@ def test_finite_logits_give_a_finite_loss_when_every_term_fits(magnitude, smooth
         assert loss[0] == float("inf")
 
 
+def test_logit_scale_finiteness_bound():
+    # the README's bound without softcap: finite while logit_scale * |x| fits in fp32; past it the scaled logits
+    # overflow and the loss is NaN, as F.cross_entropy(x * logit_scale) gives
+    at_bound = FP32_MAX / 2
+    past_bound = torch.nextafter(torch.tensor(at_bound), torch.tensor(float("inf"))).item()
+    for value, finite in [(at_bound, True), (past_bound, False)]:
+        leaf = torch.full((1, 3), value, requires_grad=True)
+        loss = nanfuse.cross_entropy(leaf * 1, torch.tensor([0]), logit_scale=2.0)
+        loss.backward()
+        if finite:
+            assert_close(loss, torch.tensor(3.0, dtype=torch.float64).log(), torch.float32, "loss")
+            assert_close(leaf.grad, torch.tensor([[-4 / 3, 2 / 3, 2 / 3]], dtype=torch.float64), torch.float32, "grad")
+        else:
+            assert loss.isnan() and loss.isnan() == F.cross_entropy(leaf.detach() * 2.0, torch.tensor([0])).isnan()
+
+
+@pytest.mark.parametrize("magnitude", [3e38, FP32_MAX])
+def test_softcap_keeps_finite_logits_finite_whatever_the_scale(magnitude):
+    leaf = torch.tensor([[magnitude, -magnitude, 0.0]], requires_grad=True)
+    kwargs = dict(logit_scale=2.0, softcap=30.0, reduction="none")
+    loss = nanfuse.cross_entropy(leaf * 1, torch.tensor([1]), **kwargs)
+    loss.sum().backward()
+    x_ref = leaf.detach().double().requires_grad_()
+    exact = cross_entropy_ref(x_ref, torch.tensor([1]), **kwargs)
+    exact.sum().backward()
+    assert_close(loss, exact, torch.float32, "loss")
+    assert_close(leaf.grad, x_ref.grad, torch.float32, "grad")
+
+
 # ---------------------------------------------------------------- item 12: meta tensors
 
 
