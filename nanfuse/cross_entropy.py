@@ -254,9 +254,12 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     check_cross_entropy_args(input, target, weight, opts, compute_grad, grad_enabled)
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     out_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
-    if input.device.type == "meta":  # shapes only: F.cross_entropy gives them too
+    if input.device.type == "meta":  # shapes only: PyTorch's meta loss, in nanfuse's loss dtype, backpropagates
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        return input.new_empty(out_shape if reduction == "none" else (), dtype=acc)
+        target = target.to(acc) if target.is_floating_point() else target
+        return nn.functional.cross_entropy(input.to(acc), target, None if weight is None else weight.to(acc),
+                                           ignore_index=opts.ignore_index, reduction=reduction,
+                                           label_smoothing=opts.label_smoothing)
     prob_target = target.is_floating_point()
     if input.dim() == 1:
         logits, flat_target = input.unsqueeze(0), target.unsqueeze(0)

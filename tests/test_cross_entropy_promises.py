@@ -279,6 +279,8 @@ def test_meta_tensors_give_shaped_meta_results(shape, reduction):
         ours = nanfuse.cross_entropy(x, t, reduction=reduction)
         theirs = F.cross_entropy(x, t, reduction=reduction)
         assert ours.device.type == "meta" and ours.shape == theirs.shape and ours.dtype == torch.float32
+        (grad,) = torch.autograd.grad(ours.sum(), x)  # the meta loss backpropagates, as PyTorch's does
+        assert grad.device.type == "meta" and grad.shape == x.shape
 
 
 # ---------------------------------------------------------------- item 13: PyTorch's argument rules
