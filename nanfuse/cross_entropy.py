@@ -275,6 +275,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     if weight is not None:
         weight = weight.contiguous()  # the kernels index it densely
     in_transform = torch._C._functorch.peek_interpreter_stack() is not None  # torch.func: vmap, grad, ...
+    if in_transform and opts.inplace_backward and compute_grad:
+        raise ValueError("inplace_backward=True is not supported under torch.func transforms (grad, vjp, jacrev): "
+                         "pass inplace_backward=False")
     if not prob_target:
         flat_target = flat_target.long().contiguous()  # the kernels read one index per row, densely
         if not in_transform and _check_targets(flat_target):  # under vmap: checked per entry by the vmap rule

@@ -362,6 +362,15 @@ def test_torch_func_jacrev_of_jacrev_gives_pytorchs_hessian(case, dtype):
     assert_close(ours, theirs, dtype, "hessian")
 
 
+def test_torch_func_refuses_inplace_backward_by_name():
+    from torch.func import grad, vjp
+
+    x, t = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
+    for transform in (lambda f: grad(f)(x), lambda f: vjp(f, x)[1](torch.tensor(1.0))):
+        with pytest.raises(ValueError, match="inplace_backward.*torch.func"):
+            transform(lambda xx: nanfuse.cross_entropy(xx * 1, t, inplace_backward=True))
+
+
 def test_torch_func_jvp_is_a_documented_limit():
     from torch.func import jvp
 
