@@ -126,10 +126,11 @@ def input_grads(logits, target, weight, scalars, opts, d_loss, needs):
     return probability_target_grads(logits, target, weight, opts, row_factor, needs[1], needs[2])
 
 
-def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs):
+def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs, batched=False):
     """(d/dlogits, d/dtarget, d/dweight) as differentiable functions of the inputs and d_loss: backward under
     create_graph=True and torch.func. Forms N x C temporaries in the accumulation dtype. None where autograd
-    does not track the inputs (then a first-order gradient is all that can be asked for)."""
+    does not track the inputs and d_loss is not batched (then a first-order gradient of the kernels is all that
+    can be asked for)."""
     from .fallback.cross_entropy import differentiable_row_losses
 
     inputs = [t for t, need in zip((logits, target, weight), needs) if need]
@@ -143,7 +144,7 @@ def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs
     # not see the graph of the transform's level and its gradient would be a silent 0
     with torch.enable_grad(), _backend.no_autocast(logits):
         rows, pullback = torch.func.vjp(rows_of, *inputs)
-        if not rows.requires_grad:  # autograd tracks nothing here (torch.func.vjp's function, called later)
+        if not rows.requires_grad and not batched:  # autograd tracks nothing (torch.func.vjp's function, later)
             return None
         grads = iter(pullback(d_loss.expand_as(rows)))
     return tuple(next(grads) if need else None for need in needs)
@@ -195,10 +196,15 @@ class CrossEntropyFunction(torch.autograd.Function):
         opts = ctx.opts
         saved_grad, logits, target, weight, scalars, stats = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True, or torch.func: the gradient must be differentiable
+        # one upstream gradient per batch entry (vmap of a vjp, is_grads_batched=True): the kernels take one
+        functorch = torch._C._functorch
+        batched = functorch.is_batchedtensor(d_loss) or functorch.is_legacy_batchedtensor(d_loss)
+        if torch.is_grad_enabled() or batched:  # create_graph=True, or torch.func: the gradient must be differentiable
             if logits is None or saved_grad is logits:
+                if batched and not torch.is_grad_enabled():  # the gradient written in forward, times each factor
+                    return saved_grad * d_loss, None, None, None, None, None
                 raise RuntimeError(_NO_DOUBLE_BACKWARD.format(opts.reduction))
-            grads = differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs)
+            grads = differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs, batched)
             if grads is not None:
                 return grads + (None,) * 3
             # the kernels take plain tensors, not torch.func's wrappers of a transform that has ended

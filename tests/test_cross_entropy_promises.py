@@ -362,6 +362,32 @@ def test_torch_func_jacrev_of_jacrev_gives_pytorchs_hessian(case, dtype):
     assert_close(ours, theirs, dtype, "hessian")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_upstream_gradients_through_backward(reduction, dtype):
+    # vmap over the backward: a vjp's function under vmap, is_grads_batched=True, jacobian(vectorize=True)
+    from torch.func import vjp, vmap
+
+    torch.manual_seed(0)
+    x, t = torch.randn(3, 5).to(dtype), torch.tensor([0, 4, 2])
+    upstream = torch.randn(4, *(() if reduction == "mean" else (3,)))
+    results = []
+    for ce in (nanfuse.cross_entropy, F.cross_entropy):
+        z = x.double() if ce is F.cross_entropy else x
+
+        def loss_of(zz):
+            return ce(zz, t, reduction=reduction, label_smoothing=0.1)
+
+        pullback = vjp(loss_of, z)[1]
+        leaf = z.clone().requires_grad_()
+        loss = loss_of(leaf * 1)
+        results.append((vmap(pullback)(upstream.to(loss.dtype))[0],
+                        torch.autograd.grad(loss, leaf, upstream.to(loss.dtype), is_grads_batched=True)[0],
+                        torch.autograd.functional.jacobian(loss_of, z, vectorize=True)))
+    for ours, theirs in zip(*results):
+        assert_close(ours, theirs, dtype)
+
+
 def test_torch_func_refuses_inplace_backward_by_name():
     from torch.func import grad, vjp
 
