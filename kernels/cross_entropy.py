@@ -29,11 +29,14 @@ from .common import Launch, tanh, warps_for_block
 @triton.jit
 def _load_logits(row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """Logits of `cols` in fp32, scaled then soft-capped; masked lanes read as -inf."""
-    x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * logit_scale
+    x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
     if HAS_SOFTCAP:
         # tanh(-inf) is -1: a masked class or a padding lane would become the finite logit -softcap
-        # and take probability mass. Keep -inf as -inf.
-        x = tl.where(x == float("-inf"), x, softcap * tanh(x / softcap))
+        # and take probability mass. Keep -inf as -inf. The scale goes inside tanh in one factor, so a finite
+        # logit whose scaled value overflows fp32 still caps to +-softcap (and is not taken for a masked one).
+        x = tl.where(x == float("-inf"), x, softcap * tanh(x * (logit_scale / softcap)))
+    else:
+        x = x * logit_scale
     return x
 
 

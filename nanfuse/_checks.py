@@ -86,8 +86,12 @@ def check_cross_entropy_args(input, target, weight, opts, compute_grad=False, gr
         raise ValueError(f"z_loss must be a finite number >= 0, got {opts.z_loss}")
     if opts.inplace_backward and compute_grad:
         if input.is_leaf:
-            raise ValueError("inplace_backward=True would overwrite input, a leaf that requires grad, with its "
-                             "own gradient; pass inplace_backward=False")
+            raise ArgumentError("inplace_backward=True would overwrite input, a leaf that requires grad, with its "
+                                "own gradient; pass inplace_backward=False")
+        base = input._base  # a view's root: writing the view writes the leaf (PyTorch refuses it in place too)
+        if base is not None and base.is_leaf and base.requires_grad:
+            raise ArgumentError("inplace_backward=True would overwrite input, a view of a leaf that requires grad, "
+                                "and so the leaf itself, with the gradient; pass inplace_backward=False")
         if input.dim() > 2 or (input.shape[-1] > 1 and input.stride(-1) != 1):
             raise ValueError("inplace_backward=True needs input of shape (C,) or (N, C) with contiguous classes; "
                              f"got shape {tuple(input.shape)} and strides {input.stride()}")
@@ -96,4 +100,7 @@ def check_cross_entropy_args(input, target, weight, opts, compute_grad=False, gr
                              f"overlapping view cannot hold one gradient per row); got strides {input.stride()}")
         if target.is_floating_point() and target.requires_grad:
             raise ValueError("inplace_backward=True overwrites the logits that the gradient of target needs; "
+                             "pass inplace_backward=False")
+        if weight is not None and weight.requires_grad:
+            raise ValueError("inplace_backward=True overwrites the logits that the gradient of weight needs; "
                              "pass inplace_backward=False")

@@ -126,19 +126,27 @@ def input_grads(logits, target, weight, scalars, opts, d_loss, needs):
     return probability_target_grads(logits, target, weight, opts, row_factor, needs[1], needs[2])
 
 
-def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs):
+def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs, batched=False):
     """(d/dlogits, d/dtarget, d/dweight) as differentiable functions of the inputs and d_loss: backward under
     create_graph=True and torch.func. Forms N x C temporaries in the accumulation dtype. None where autograd
-    does not track the inputs (then a first-order gradient is all that can be asked for)."""
+    does not track the inputs and d_loss is not batched (then a first-order gradient of the kernels is all that
+    can be asked for)."""
     from .fallback.cross_entropy import differentiable_row_losses
 
+    inputs = [t for t, need in zip((logits, target, weight), needs) if need]
+
+    def rows_of(*needed):
+        given = iter(needed)
+        args = [next(given) if need else t for t, need in zip((logits, target, weight), needs)]
+        return differentiable_row_losses(*args, scalars, opts)
+
+    # torch.func.vjp, not torch.autograd.grad: inside a torch.func transform (jacrev of jacrev) autograd.grad does
+    # not see the graph of the transform's level and its gradient would be a silent 0
     with torch.enable_grad(), _backend.no_autocast(logits):
-        rows = differentiable_row_losses(logits, target, weight, scalars, opts)
-        if not rows.requires_grad:  # autograd tracks nothing here (torch.func.vjp's function, called later)
+        rows, pullback = torch.func.vjp(rows_of, *inputs)
+        if not rows.requires_grad and not batched:  # autograd tracks nothing (torch.func.vjp's function, later)
             return None
-        inputs = [t for t, need in zip((logits, target, weight), needs) if need]
-        grads = iter(torch.autograd.grad(rows, inputs, d_loss.expand_as(rows), create_graph=True,
-                                         allow_unused=True, materialize_grads=True))
+        grads = iter(pullback(d_loss.expand_as(rows)))
     return tuple(next(grads) if need else None for need in needs)
 
 
@@ -188,10 +196,15 @@ class CrossEntropyFunction(torch.autograd.Function):
         opts = ctx.opts
         saved_grad, logits, target, weight, scalars, stats = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True, or torch.func: the gradient must be differentiable
+        # one upstream gradient per batch entry (vmap of a vjp, is_grads_batched=True): the kernels take one
+        functorch = torch._C._functorch
+        batched = functorch.is_batchedtensor(d_loss) or functorch.is_legacy_batchedtensor(d_loss)
+        if torch.is_grad_enabled() or batched:  # create_graph=True, or torch.func: the gradient must be differentiable
             if logits is None or saved_grad is logits:
+                if batched and not torch.is_grad_enabled():  # the gradient written in forward, times each factor
+                    return saved_grad * d_loss, None, None, None, None, None
                 raise RuntimeError(_NO_DOUBLE_BACKWARD.format(opts.reduction))
-            grads = differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs)
+            grads = differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs, batched)
             if grads is not None:
                 return grads + (None,) * 3
             # the kernels take plain tensors, not torch.func's wrappers of a transform that has ended
@@ -247,9 +260,12 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     check_cross_entropy_args(input, target, weight, opts, compute_grad, grad_enabled)
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     out_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
-    if input.device.type == "meta":  # shapes only: F.cross_entropy gives them too
+    if input.device.type == "meta":  # shapes only: PyTorch's meta loss, in nanfuse's loss dtype, backpropagates
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        return input.new_empty(out_shape if reduction == "none" else (), dtype=acc)
+        target = target.to(acc) if target.is_floating_point() else target
+        return nn.functional.cross_entropy(input.to(acc), target, None if weight is None else weight.to(acc),
+                                           ignore_index=opts.ignore_index, reduction=reduction,
+                                           label_smoothing=opts.label_smoothing)
     prob_target = target.is_floating_point()
     if input.dim() == 1:
         logits, flat_target = input.unsqueeze(0), target.unsqueeze(0)
@@ -265,6 +281,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     if weight is not None:
         weight = weight.contiguous()  # the kernels index it densely
     in_transform = torch._C._functorch.peek_interpreter_stack() is not None  # torch.func: vmap, grad, ...
+    if in_transform and opts.inplace_backward and compute_grad:
+        raise ValueError("inplace_backward=True is not supported under torch.func transforms (grad, vjp, jacrev): "
+                         "pass inplace_backward=False")
     if not prob_target:
         flat_target = flat_target.long().contiguous()  # the kernels read one index per row, densely
         if not in_transform and _check_targets(flat_target):  # under vmap: checked per entry by the vmap rule

@@ -81,6 +81,25 @@ def test_inplace_backward_refuses_probability_targets_that_require_grad():
         nanfuse.cross_entropy(logits, target, inplace_backward=True)
 
 
+@pytest.mark.parametrize("view", [lambda w: w[:], lambda w: w.view(4, 6), lambda w: w[1:]])
+def test_inplace_backward_refuses_a_view_of_a_leaf(view):
+    leaf = torch.randn(4, 6, requires_grad=True)
+    before = leaf.detach().clone()
+    x = view(leaf)
+    with pytest.raises(ValueError, match="inplace_backward") as info:
+        nanfuse.cross_entropy(x, torch.zeros(x.shape[0], dtype=torch.long), inplace_backward=True)
+    assert isinstance(info.value, RuntimeError)  # PyTorch raises RuntimeError for in-place on a view of a leaf
+    assert torch.equal(leaf.detach(), before)
+
+
+def test_inplace_backward_refuses_probability_targets_with_a_weight_that_requires_grad():
+    logits = torch.randn(3, 8, requires_grad=True) * 1
+    target = torch.softmax(torch.randn(3, 8), 1)
+    weight = torch.rand(8).requires_grad_()
+    with pytest.raises(ValueError, match="inplace_backward"):
+        nanfuse.cross_entropy(logits, target, weight=weight, inplace_backward=True)
+
+
 def test_inplace_backward_refuses_expanded_logits():
     leaf = torch.randn(1, 50, requires_grad=True)
     logits = (leaf * 1).expand(4, 50)  # stride 0 rows: one gradient row cannot hold four
@@ -219,6 +238,35 @@ def test_finite_logits_give_a_finite_loss_when_every_term_fits(magnitude, smooth
         assert loss[0] == float("inf")
 
 
+def test_logit_scale_finiteness_bound():
+    # the README's bound without softcap: finite while logit_scale * |x| fits in fp32; past it the scaled logits
+    # overflow and the loss is NaN, as F.cross_entropy(x * logit_scale) gives
+    at_bound = FP32_MAX / 2
+    past_bound = torch.nextafter(torch.tensor(at_bound), torch.tensor(float("inf"))).item()
+    for value, finite in [(at_bound, True), (past_bound, False)]:
+        leaf = torch.full((1, 3), value, requires_grad=True)
+        loss = nanfuse.cross_entropy(leaf * 1, torch.tensor([0]), logit_scale=2.0)
+        loss.backward()
+        if finite:
+            assert_close(loss, torch.tensor(3.0, dtype=torch.float64).log(), torch.float32, "loss")
+            assert_close(leaf.grad, torch.tensor([[-4 / 3, 2 / 3, 2 / 3]], dtype=torch.float64), torch.float32, "grad")
+        else:
+            assert loss.isnan() and loss.isnan() == F.cross_entropy(leaf.detach() * 2.0, torch.tensor([0])).isnan()
+
+
+@pytest.mark.parametrize("magnitude", [3e38, FP32_MAX])
+def test_softcap_keeps_finite_logits_finite_whatever_the_scale(magnitude):
+    leaf = torch.tensor([[magnitude, -magnitude, 0.0]], requires_grad=True)
+    kwargs = dict(logit_scale=2.0, softcap=30.0, reduction="none")
+    loss = nanfuse.cross_entropy(leaf * 1, torch.tensor([1]), **kwargs)
+    loss.sum().backward()
+    x_ref = leaf.detach().double().requires_grad_()
+    exact = cross_entropy_ref(x_ref, torch.tensor([1]), **kwargs)
+    exact.sum().backward()
+    assert_close(loss, exact, torch.float32, "loss")
+    assert_close(leaf.grad, x_ref.grad, torch.float32, "grad")
+
+
 # ---------------------------------------------------------------- item 12: meta tensors
 
 
@@ -231,6 +279,8 @@ def test_meta_tensors_give_shaped_meta_results(shape, reduction):
         ours = nanfuse.cross_entropy(x, t, reduction=reduction)
         theirs = F.cross_entropy(x, t, reduction=reduction)
         assert ours.device.type == "meta" and ours.shape == theirs.shape and ours.dtype == torch.float32
+        (grad,) = torch.autograd.grad(ours.sum(), x)  # the meta loss backpropagates, as PyTorch's does
+        assert grad.device.type == "meta" and grad.shape == x.shape
 
 
 # ---------------------------------------------------------------- item 13: PyTorch's argument rules
@@ -290,6 +340,61 @@ def test_torch_func_vmap_and_per_sample_gradients(reduction):
     ours_vjp = vjp(lambda xx: nanfuse.cross_entropy(xx, t[2], **kwargs), x[2])[1](torch.tensor(0.5).expand(
         ours[2].shape))[0]
     assert_close(ours_vjp, per_sample[1][2].double() * 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["mean", "none_sum", "probabilities"])
+def test_torch_func_jacrev_of_jacrev_gives_pytorchs_hessian(case, dtype):
+    from torch.func import jacrev
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    target = torch.softmax(torch.randn(3, 5, dtype=torch.float64), 1) if case == "probabilities" else torch.tensor(
+        [0, 4, 2])
+    reduction = "none" if case == "none_sum" else "mean"
+
+    def hessian_of(ce, z, t):
+        return jacrev(jacrev(lambda zz: ce(zz, t, reduction=reduction, label_smoothing=0.1).sum()))(z)
+
+    ours = hessian_of(nanfuse.cross_entropy, x.to(dtype), target.to(dtype) if case == "probabilities" else target)
+    theirs = hessian_of(F.cross_entropy, x, target)
+    assert theirs.abs().max() > 0.01
+    assert_close(ours, theirs, dtype, "hessian")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_upstream_gradients_through_backward(reduction, dtype):
+    # vmap over the backward: a vjp's function under vmap, is_grads_batched=True, jacobian(vectorize=True)
+    from torch.func import vjp, vmap
+
+    torch.manual_seed(0)
+    x, t = torch.randn(3, 5).to(dtype), torch.tensor([0, 4, 2])
+    upstream = torch.randn(4, *(() if reduction == "mean" else (3,)))
+    results = []
+    for ce in (nanfuse.cross_entropy, F.cross_entropy):
+        z = x.double() if ce is F.cross_entropy else x
+
+        def loss_of(zz):
+            return ce(zz, t, reduction=reduction, label_smoothing=0.1)
+
+        pullback = vjp(loss_of, z)[1]
+        leaf = z.clone().requires_grad_()
+        loss = loss_of(leaf * 1)
+        results.append((vmap(pullback)(upstream.to(loss.dtype))[0],
+                        torch.autograd.grad(loss, leaf, upstream.to(loss.dtype), is_grads_batched=True)[0],
+                        torch.autograd.functional.jacobian(loss_of, z, vectorize=True)))
+    for ours, theirs in zip(*results):
+        assert_close(ours, theirs, dtype)
+
+
+def test_torch_func_refuses_inplace_backward_by_name():
+    from torch.func import grad, vjp
+
+    x, t = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
+    for transform in (lambda f: grad(f)(x), lambda f: vjp(f, x)[1](torch.tensor(1.0))):
+        with pytest.raises(ValueError, match="inplace_backward.*torch.func"):
+            transform(lambda xx: nanfuse.cross_entropy(xx * 1, t, inplace_backward=True))
 
 
 def test_torch_func_jvp_is_a_documented_limit():

@@ -27,11 +27,12 @@ def _acc_dtype(logits):
 def _transformed(chunk, opts, acc):
     """Scaled, soft-capped logits in the accumulation dtype; may alias `chunk`, so never write to it."""
     x = chunk.to(acc)
+    if opts.softcap is not None:
+        # -inf stays -inf (tanh(-inf) = -1 would turn a masked class into a finite logit); the scale goes inside
+        # tanh in one factor, so a finite logit whose scaled value overflows still caps to +-softcap
+        return torch.where(x == float("-inf"), x, opts.softcap * torch.tanh(x * (opts.logit_scale / opts.softcap)))
     if opts.logit_scale != 1.0:
         x = x * opts.logit_scale
-    if opts.softcap is not None:
-        # -inf stays -inf (tanh(-inf) = -1 would turn a masked class into a finite logit)
-        x = torch.where(x == float("-inf"), x, opts.softcap * torch.tanh(x / opts.softcap))
     return x
 
 
