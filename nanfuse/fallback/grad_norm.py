@@ -105,7 +105,7 @@ def _direct_norms(grads, norm_type, acc):
     suspect = ~torch.isfinite(flat)
     if norm_type != math.inf:  # the max is exact; sums of p-th powers can lose tiny terms (ROW: a piece's most)
         suspect |= flat.pow(norm_type) < ROW * SAFE_SUM[acc]
-    if not suspect.any():
+    if not suspect.any():  # a host read: piece_pairs calls this only where reading is free (CPU, eager)
         return flat, None, []
     owner = torch.repeat_interleave(torch.arange(len(grads)), torch.tensor([len(n) for n in norms]))
     return flat, owner, owner[suspect].unique().tolist()
