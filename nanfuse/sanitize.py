@@ -25,6 +25,8 @@ def _inputs(inputs):
             raise TypeError(f"inputs[{i}] must be a tensor, got {type(x).__name__}")
         if x.dim() == 0:
             raise ValueError(f"inputs[{i}] is 0-dim; dim 0 must be the sample dim")
+        if x.is_complex():  # its NaN would go unseen: refuse rather than skip it
+            raise TypeError(f"inputs[{i}] is complex ({x.dtype}); sanitize_batch takes real tensors")
     if not tensors:
         raise ValueError("inputs: give at least one batch tensor")
     return tensors
@@ -49,9 +51,14 @@ def sanitize_batch(inputs, target=None, *, ignore_index=-100, fill=0.0):
             raise ValueError(f"inputs[{i}] has {x.shape[0]} samples on {x.device}; inputs[0] has {n} on {device}")
         if x.is_floating_point() and not -torch.finfo(x.dtype).max <= fill <= torch.finfo(x.dtype).max:
             raise ValueError(f"fill={fill} is not finite in inputs[{i}]'s dtype {x.dtype}")
-    if target is not None and (target.dim() not in (1, 2) or target.shape[0] != n or target.device != device):
-        raise ValueError(f"target must be (N,) or (N, L) with N={n} on {device}, got {tuple(target.shape)} "
-                         f"on {target.device}")
+    if target is not None:
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+        if not torch.iinfo(target.dtype).min <= ignore_index <= torch.iinfo(target.dtype).max:
+            raise ValueError(f"ignore_index={ignore_index} does not fit target's dtype {target.dtype}")
+        if target.dim() not in (1, 2) or target.shape[0] != n or target.device != device:
+            raise ValueError(f"target must be (N,) or (N, L) with N={n} on {device}, got {tuple(target.shape)} "
+                             f"on {target.device}")
     bad_rows = torch.zeros(n, dtype=torch.uint8, device=device)
     with torch.no_grad():
         for x in tensors:

@@ -49,6 +49,23 @@ def test_arguments_are_checked():
         nanfuse.sanitize_batch(torch.tensor(1.0), None)
 
 
+def test_targets_that_cannot_take_ignore_index_and_complex_inputs_are_refused():
+    x = torch.randn(4, 3)
+    x[1, 0] = float("nan")
+    for bad_target in (torch.zeros(4), torch.zeros(4, dtype=torch.bool)):  # MSE-style or mask targets
+        with pytest.raises(TypeError, match="target"):
+            nanfuse.sanitize_batch(x.clone(), bad_target)
+    with pytest.raises(ValueError, match="ignore_index"):  # -100 would wrap to 156
+        nanfuse.sanitize_batch(x.clone(), torch.zeros(4, dtype=torch.uint8))
+    target = torch.zeros(4, dtype=torch.uint8)
+    nanfuse.sanitize_batch(x.clone(), target, ignore_index=255)
+    assert target.tolist() == [0, 255, 0, 0]
+    z = torch.randn(4, 3, dtype=torch.complex64)
+    z[2, 1] = complex(float("nan"), 0.0)
+    with pytest.raises(TypeError, match="inputs\\[0\\] is complex"):
+        nanfuse.sanitize_batch(z, None)
+
+
 def test_a_step_on_a_sanitized_batch_equals_a_step_on_its_good_rows():
     torch.manual_seed(0)
     gru = torch.nn.GRU(6, 8, batch_first=True)
