@@ -268,3 +268,28 @@ def test_activation_checkpointing_gives_the_same_report(middle):
         got = (report.phase, report.cause, report.tensor)
         expected = expected or got
         assert got == expected and report.module == prefix  # the recomputed forward does not change it
+
+
+def test_arguments_are_checked_at_construction():
+    model = sequential(torch.nn.ReLU())
+    with pytest.raises(TypeError, match="model"):
+        nanfuse.NanWatch(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="jump_factor"):
+        nanfuse.NanWatch(model, jump_factor=float("inf"))
+    with pytest.raises(TypeError, match="keep"):
+        nanfuse.NanWatch(model, keep=1.5)
+    with pytest.raises(TypeError, match="watch"):
+        nanfuse.NanGuard(torch.optim.SGD(model.parameters(), lr=0.1), watch="yes")
+
+
+def test_calls_never_observed_stay_bounded(monkeypatch):
+    from nanfuse import watch as watch_module
+
+    monkeypatch.setattr(watch_module, "MAX_CALLS_PER_STEP", 4)
+    model = sequential(torch.nn.ReLU())
+    watch = nanfuse.NanWatch(model)  # no guard: nothing tells the watch that a step ended
+    x, _ = batch(0)
+    with pytest.warns(UserWarning, match="no step observed"):
+        for _ in range(10):
+            model(x).sum().backward()
+    assert len(watch._calls) == 4

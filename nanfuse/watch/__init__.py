@@ -13,7 +13,9 @@ parameters unchanged, so the replay computes what the step computed. report() re
 import collections
 import dataclasses
 import functools
+import math
 import statistics
+import warnings
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -22,6 +24,10 @@ from .. import _backend
 from .localise import jump_report, nonfinite_report
 from .replay import Capture, replay
 from .report import CAUSES, NanReport, make_report
+
+# model calls kept for one step (gradient accumulation makes several) before the watch concludes that nothing
+# calls observe() and drops the oldest: each holds a batch and the gradient at the model's outputs
+MAX_CALLS_PER_STEP = 256
 
 __all__ = ["CAUSES", "NanReport", "NanWatch"]
 
@@ -45,8 +51,13 @@ class NanWatch:
     """Watches `model`: hand it to NanGuard(optimizer, ..., watch=watch), then read watch.report()."""
 
     def __init__(self, model, *, jump_factor=100.0, history=32, min_history=8, keep=2, copy_inputs=False):
-        if not jump_factor > 1:
-            raise ValueError(f"jump_factor must be > 1, got {jump_factor}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not 1 < jump_factor < math.inf:
+            raise ValueError(f"jump_factor must be a finite number > 1, got {jump_factor}")
+        for name, value in (("history", history), ("min_history", min_history), ("keep", keep)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if not 1 <= min_history <= history:
             raise ValueError(f"min_history must be in [1, history={history}], got {min_history}")
         if not keep >= 1:
@@ -57,7 +68,7 @@ class NanWatch:
         self._calls, self._pending, self._replays, self._reports = [], [], [], {}
         self._history = self._record = None
         self._host_history = collections.deque(maxlen=history)  # the norms, where reading them is free
-        self._replaying = False
+        self._replaying = self._warned_unobserved = False
         self._handles = [model.register_forward_pre_hook(self._capture_call, with_kwargs=True),
                          model.register_forward_hook(self._capture_output)]
 
@@ -78,6 +89,12 @@ class NanWatch:
                    if isinstance(t, torch.Tensor) and t.is_cuda} if torch.cuda.is_initialized() else set()
         autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
                          for d in ("cpu", "cuda") if d == "cpu" or devices)
+        if len(self._calls) >= MAX_CALLS_PER_STEP:  # nothing observes the steps: keep memory bounded, say why
+            if not self._warned_unobserved:
+                self._warned_unobserved = True
+                warnings.warn(f"NanWatch: {MAX_CALLS_PER_STEP} model calls and no step observed; pass watch= to "
+                              "NanGuard (or call watch.observe(report) each step). Keeping only the latest calls.")
+            del self._calls[0]
         self._calls.append(Capture(args, kwargs, torch.get_rng_state(),
                                    {i: torch.cuda.get_rng_state(i) for i in devices}, autocast))
 
