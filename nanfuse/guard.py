@@ -85,7 +85,7 @@ def _count(value, key):
     """A state_dict count (int, integral float, or one-element tensor of such) as an int >= 0, or a ValueError
     naming `key`."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
+        value = value.item()  # load_state_dict only, never in a step
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

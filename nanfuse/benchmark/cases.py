@@ -22,6 +22,15 @@ class Case:
     variant: str = ""  # what the plot draws as one line across sizes (reduction and options, or clip mode)
 
 
+def _with_compiled(impls, compile_ok, wrap, torch_fn):
+    """impls plus, when compile_ok, torch.compile of the PyTorch function, wrapped as its eager entry is; each
+    case compiles afresh instead of hitting the recompile limit."""
+    if compile_ok:
+        torch._dynamo.reset()
+        impls["torch.compile"] = wrap(torch.compile(torch_fn, dynamic=False))
+    return impls
+
+
 # ---------------------------------------------------------------- cross-entropy
 
 def _torch_cross_entropy(logits, target, reduction, z_loss, softcap):
@@ -124,14 +133,9 @@ def _clip_setup(shapes, dtype, mode, compile_ok):
                 return fn(params, max_norm_tensor)
             return run
 
-        impls = {
-            "nanfuse": lambda: nanfuse.clip_grad_norm_(params, next_limit()),
-            "torch eager": torch_step(torch_clip),
-        }
-        if compile_ok:
-            torch._dynamo.reset()
-            impls["torch.compile"] = torch_step(torch.compile(torch_clip, dynamic=False))
-        return impls
+        impls = {"nanfuse": lambda: nanfuse.clip_grad_norm_(params, next_limit()),
+                 "torch eager": torch_step(torch_clip)}
+        return _with_compiled(impls, compile_ok, torch_step, torch_clip)
 
     return setup
 
@@ -167,10 +171,7 @@ def _softmax_setup(n_rows, n_classes, dtype, log, compile_ok):
             "nanfuse": fwd_bwd(lambda t: (nanfuse.log_softmax if log else nanfuse.softmax)(t, dim=-1)),
             "torch eager": fwd_bwd(torch_softmax),
         }
-        if compile_ok:
-            torch._dynamo.reset()
-            impls["torch.compile"] = fwd_bwd(torch.compile(torch_softmax, dynamic=False))
-        return impls
+        return _with_compiled(impls, compile_ok, fwd_bwd, torch_softmax)
 
     return setup
 

@@ -173,6 +173,7 @@ class NanWatch:
             if pending.ready is not None and wait:
                 pending.ready.synchronize()  # report(): the one place that may wait for the device
             flags = pending.flags if pending.ready is None else pending.host_flags
+            # host values already: a CPU tensor, or the pinned copy the event above says has landed
             found, jump, norm, median = flags if isinstance(flags, list) else flags.tolist()
             if found or jump:
                 self._replay(pending, "nonfinite" if found else ("jump", norm, median))
