@@ -177,8 +177,8 @@ class NanGuard:
         report, scale_all = norm_check_scale(_gradients(self._params(), True), self.max_norm, self.norm_type,
                                              self.process_group, inv_scale)
         found_inf = report.found_inf
-        if self.watch is not None:
-            self.watch.observe(report)
+        if self.watch is not None:  # the scale tells a routine loss-scale overflow from a cause (nanfuse/watch)
+            self.watch.observe(report, None if scaler is None else scaler._scale)
         if self._fused():
             factor = report.clip_coef.double() if inv_scale is None else report.clip_coef.double() * inv_scale
             if self.max_norm is not None:  # a factor below 2**-100 (norms near 1e38) is applied in a pass first

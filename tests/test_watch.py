@@ -1,5 +1,7 @@
 """NanWatch on hand-built models where the truth is known: the phase, the producing module and the cause."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_guard import HostReads
@@ -293,3 +295,372 @@ def test_calls_never_observed_stay_bounded(monkeypatch):
         for _ in range(10):
             model(x).sum().backward()
     assert len(watch._calls) == 4
+
+
+# The probe's defects (issue 15): each test failed on the code before its fix.
+
+class Residual(torch.nn.Module):
+    """`out += x` in the model's own forward, after a hooked module: an in-place op on a hooked output."""
+
+    def __init__(self, middle):
+        super().__init__()
+        self.first, self.middle, self.last = torch.nn.Linear(6, 6), middle, torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.first(x)
+        out = self.middle(h)
+        out += h
+        return self.last(out)
+
+
+@pytest.mark.parametrize("middle, phase, cause", [
+    (Divide(), "forward", "unstable activation"),
+    (OverflowingLayer(), "backward", "exploding gradients"),
+], ids=["forward", "backward"])
+@pytest.mark.parametrize("model_kind", ["relu-inplace", "residual-inplace"])
+def test_inplace_ops_after_a_hooked_module_do_not_break_the_replay(middle, phase, cause, model_kind):
+    torch.manual_seed(0)
+    if model_kind == "relu-inplace":
+        model = torch.nn.Sequential(torch.nn.Linear(6, 6), middle, torch.nn.ReLU(inplace=True), torch.nn.Linear(6, 4))
+        name = "1"
+    else:
+        model, name = Residual(middle), "middle"
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.phase, report.cause, report.module) == (phase, cause, name), str(report)
+
+
+class AdditiveMask(torch.nn.Module):
+    """An attention-style -inf mask: softmax(scores + mask) is finite."""
+
+    def forward(self, x):
+        mask = torch.zeros_like(x)
+        mask[:, 0] = float("-inf")
+        return torch.softmax(x + mask, -1)
+
+
+class MaskedScores(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.where(torch.arange(x.shape[-1]) == 0, float("-inf"), 0.0)
+
+
+class NanToNum(torch.nn.Module):
+    def forward(self, x):
+        return torch.nan_to_num(x, 0.0)
+
+
+def test_an_absorbed_minus_inf_mask_is_not_blamed_for_an_overflow_in_backward():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Sequential(torch.nn.Linear(8, 8), MaskedScores()),
+                                AdditiveMask(), OverflowingLayer(), torch.nn.Linear(8, 4))
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.phase, report.cause, report.module) == ("backward", "exploding gradients", "3"), str(report)
+
+
+def test_minus_inf_masked_logits_fed_to_the_loss_are_not_blamed():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), OverflowingLayer(), torch.nn.Linear(8, 4), MaskedScores())
+    watch, guard = watched(model)
+    x, y = batch(0)
+    train_step(model, guard, x, y.clamp(min=1))  # class 0 is masked out, and no target is 0
+    report = watch.report()
+    assert (report.phase, report.cause, report.module) == ("backward", "exploding gradients", "1"), str(report)
+
+
+def test_nan_coded_inputs_the_model_cleans_are_not_bad_input_data():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(NanToNum(), torch.nn.Linear(6, 8), Divide(), torch.nn.Linear(8, 4))
+    watch, guard = watched(model)
+    x, y = batch(0)
+    x[2, 1] = float("nan")  # a missing value, handled by the model
+    train_step(model, guard, x, y)
+    report = watch.report()
+    assert (report.phase, report.cause, report.module) == ("forward", "unstable activation", "2"), str(report)
+
+
+class Exp(torch.nn.Module):
+    def forward(self, x):
+        return torch.exp(x * 1e3)
+
+
+class Normalize(torch.nn.Module):
+    def forward(self, x):
+        return x / x.sum(-1, keepdim=True)
+
+
+def test_a_nan_made_from_an_overflow_names_where_the_inf_started():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), MaskedScores(), Exp(), Normalize(), torch.nn.Linear(8, 4))
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.phase, report.cause, report.module) == ("forward", "unstable activation", "2"), str(report)
+
+
+class Recurrent(torch.nn.Module):
+    """TBPTT: a hidden state kept across steps as an attribute, and noise from its own torch.Generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 4)
+        self.hidden = torch.zeros(1, 6)
+        self.noise = torch.Generator().manual_seed(5)
+
+    def forward(self, x):
+        h = torch.tanh(self.cell(x) + self.hidden)
+        self.hidden = h.detach().mean(0, keepdim=True)
+        return self.head(h + 0.1 * torch.rand(h.shape, generator=self.noise))
+
+
+def _recurrent_run(with_watch):
+    torch.manual_seed(0)
+    model = Recurrent()
+    if with_watch:
+        watch, guard = watched(model)
+    else:
+        guard = nanfuse.NanGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1.0)
+    for step in range(4):
+        x, y = batch(step)
+        scale = float("nan") if step == 1 else 1.0  # step 1's loss is NaN: skipped, and replayed by the watch
+        train_step(model, guard, x, y, lambda out, t: scale * nanfuse.cross_entropy(out, t))
+    report = watch.report() if with_watch else None
+    return model, report
+
+
+def test_a_run_with_the_watch_and_a_bad_step_equals_a_run_without():
+    (watched_model, report), (plain_model, _) = _recurrent_run(True), _recurrent_run(False)
+    assert (report.step, report.cause) == (1, "unstable loss")
+    for a, b in zip(watched_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(watched_model.hidden, plain_model.hidden, rtol=0, atol=0)
+    assert torch.equal(watched_model.noise.get_state(), plain_model.noise.get_state())
+
+
+def test_the_replay_runs_with_the_hidden_state_and_generator_the_step_saw():
+    torch.manual_seed(0)
+    model = Recurrent()
+    watch, guard = watched(model)
+    seen = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    x, y = batch(0)
+    train_step(model, guard, x, y, lambda out, t: float("nan") * nanfuse.cross_entropy(out, t))
+    assert len(seen) == 2  # the step, and its replay
+    torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)
+
+
+class OwnOverflow(torch.nn.Module):
+    """The overflow is in this model's own forward code, between two submodules."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.last = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.last(Overflow.apply(self.first(x)))
+
+
+class KeywordCalls(torch.nn.Module):
+    """Submodules called with keyword arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.middle, self.last = torch.nn.Linear(6, 8), OverflowingLayer(), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.last(input=self.middle(x=self.first(input=x)))
+
+
+@pytest.mark.parametrize("model_type, module, tensor", [
+    (OwnOverflow, "", "gradient it passed to `first`"),
+    (KeywordCalls, "middle", "grad_input"),
+], ids=["own-code", "keyword-arguments"])
+def test_backward_overflow_names_the_right_module(model_type, module, tensor):
+    torch.manual_seed(0)
+    model = model_type()
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.phase, report.cause, report.module, report.tensor) == ("backward", "exploding gradients", module,
+                                                                          tensor), str(report)
+
+
+def scaled_step(model, guard, scaler, x, y):
+    scaler.scale(nanfuse.cross_entropy(model(x), y)).backward()
+    guard.step()
+    guard.zero_grad()
+
+
+class BigBackward(torch.autograd.Function):
+    """Identity forward; a backward that multiplies by 1e36: finite unscaled, Inf at a scale of 2**16."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e36
+
+
+class BigBackwardLayer(torch.nn.Module):
+    def forward(self, x):
+        return BigBackward.apply(x)
+
+
+@pytest.mark.parametrize("init_scale, layer, cause", [
+    (2.0 ** 16, BigBackwardLayer(), "loss-scale overflow"),
+    (1.0, OverflowingLayer(), "exploding gradients"),  # at a scale <= 1 the scaling did not make the overflow
+], ids=["scale-2**16", "scale-1"])
+def test_grad_scaler_overflow_is_a_loss_scale_overflow(init_scale, layer, cause):
+    model = sequential(layer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    watch = nanfuse.NanWatch(model)
+    guard = nanfuse.NanGuard(torch.optim.SGD(model.parameters(), lr=1e-2), scaler=scaler, watch=watch)
+    x, y = batch(0)
+    scaled_step(model, guard, scaler, x, y)
+    report = watch.report()
+    assert (report.phase, report.cause, report.module) == ("backward", cause, "2"), str(report)
+    if init_scale > 1:
+        assert "scale 65536" in report.explanation
+
+
+def test_grad_scaler_step_with_a_nan_row_is_still_bad_input_data():
+    model = sequential(torch.nn.ReLU())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    watch = nanfuse.NanWatch(model)
+    guard = nanfuse.NanGuard(torch.optim.SGD(model.parameters(), lr=1e-2), scaler=scaler, watch=watch)
+    x, y = batch(0)
+    x[4, 0] = float("nan")
+    scaled_step(model, guard, scaler, x, y)
+    assert (watch.report().cause, watch.report().rows) == ("bad input data", [4])
+
+
+def test_two_backward_calls_through_one_output_are_both_replayed():
+    model = sequential(torch.nn.ReLU())
+    watch, guard = watched(model)
+    x, y = batch(0)
+    out = model(x)
+    (out * float("nan")).sum().backward(retain_graph=True)  # the first loss is the bad one
+    nanfuse.cross_entropy(out, y).backward()
+    guard.step()
+    report = watch.report()
+    assert (report.phase, report.cause) == ("loss", "unstable loss"), str(report)
+
+
+@dataclasses.dataclass
+class Batch:
+    features: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+
+
+class DataclassModel(torch.nn.Module):
+    def __init__(self, middle):
+        super().__init__()
+        self.body = sequential(middle)
+
+    def forward(self, batch):
+        return Output(logits=self.body(batch.features * batch.scale))
+
+
+@pytest.mark.parametrize("cause", ["bad input data", "unstable loss"])
+def test_dataclass_batches_and_outputs_are_walked(cause):
+    model = DataclassModel(torch.nn.ReLU())
+    watch, guard = watched(model)
+    x, y = batch(0)
+    if cause == "bad input data":
+        x[6, 3] = float("inf")
+    loss = nanfuse.cross_entropy(model(Batch(x, torch.ones(8, 1))).logits, y)
+    (loss if cause == "bad input data" else loss * float("nan")).backward()  # the NaN gradient of the output
+    guard.step()
+    report = watch.report()
+    assert report.cause == cause, str(report)
+    if cause == "bad input data":
+        assert (report.tensor, report.rows) == ("input `batch.features`", [6])
+    else:
+        assert report.tensor == "gradient arriving at output"
+
+
+def test_gradient_accumulation_reports_the_call_and_its_rows():
+    model = sequential(torch.nn.ReLU())
+    watch, guard = watched(model)
+    for call in range(3):
+        x, y = batch(call, n=4)
+        if call == 1:
+            x[2, 5] = float("nan")
+        (nanfuse.cross_entropy(model(x), y) / 3).backward()
+    guard.step()
+    report = watch.report()
+    assert (report.cause, report.call, report.rows) == ("bad input data", 1, [2])
+    assert "dim 0 of call 1" in str(report)
+
+
+class SequenceFirst(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = torch.nn.GRU(6, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):  # x: (length, batch, features)
+        return self.head(self.rnn(x)[0][-1])
+
+
+def test_sequence_first_inputs_report_rows_along_sample_dim():
+    torch.manual_seed(0)
+    model = SequenceFirst()
+    watch, guard = watched(model, sample_dim=1)
+    x = torch.randn(5, 8, 6)
+    x[3, 6, 0] = float("nan")
+    train_step(model, guard, x, batch(0)[1])
+    report = watch.report()
+    assert (report.cause, report.rows, report.sample_dim) == ("bad input data", [6], 1)
+
+
+def test_host_and_device_norm_histories_take_the_same_median(monkeypatch):
+    from nanfuse.watch import lower_median
+
+    values = [3.0, 1.0, 4.0, 2.0]
+    assert lower_median(values) == torch.tensor(values).nanmedian().item() == 2.0
+    medians = []
+    for deferred in (False, True):
+        with monkeypatch.context() as patch:
+            if deferred:
+                defer_reads(patch)
+            model = sequential(torch.nn.ReLU())
+            watch, guard = watched(model, min_history=4)
+            for step in range(4):  # an even count: the two definitions of a median differ
+                train_step(model, guard, *batch(step))
+            train_step(model, guard, *batch(4), lambda out, t: 1e4 * nanfuse.cross_entropy(out, t))
+            medians.append(watch.report().numbers["median"])
+    assert medians[0] == pytest.approx(medians[1], rel=1e-12)
+
+
+def test_replays_waiting_for_report_stay_bounded(monkeypatch):
+    from nanfuse import watch as watch_module
+
+    monkeypatch.setattr(watch_module, "MAX_REPLAYS", 4)
+    model = sequential(Divide())
+    watch, guard = watched(model)
+    for step in range(10):
+        train_step(model, guard, *batch(step))
+        assert len(watch._replays) <= 4
+    causes = [(r.step, r.cause) for r in watch.reports()]
+    assert causes == [(s, "not kept" if 2 <= s < 8 else "unstable activation") for s in range(10)]
+
+
+def test_rng_state_is_captured_for_the_devices_of_the_parameters(monkeypatch):
+    from nanfuse.watch import _cuda_devices
+
+    class Stub:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    model = sequential(torch.nn.ReLU())
+    monkeypatch.setattr(model, "parameters", lambda: iter([Stub("cuda:1"), Stub("cpu")]))
+    assert _cuda_devices(model, [torch.zeros(1), Stub("cuda:0")]) == {0, 1}

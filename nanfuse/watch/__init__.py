@@ -14,20 +14,23 @@ import collections
 import dataclasses
 import functools
 import math
-import statistics
 import warnings
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from .. import _backend
 from .localise import jump_report, nonfinite_report
-from .replay import Capture, replay
+from .replay import Capture, module_state, replay
 from .report import CAUSES, NanReport, make_report
+from .tree import map_tensors, tensors
 
 # model calls kept for one step (gradient accumulation makes several) before the watch concludes that nothing
 # calls observe() and drops the oldest: each holds a batch and the gradient at the model's outputs
 MAX_CALLS_PER_STEP = 256
+# replayed bad steps waiting for report(): the first half and the latest half of this many are kept, the others
+# are reported as "not kept" (each holds a few device counts per module)
+MAX_REPLAYS = 16
+MAX_DROPPED = 1024  # step numbers of such replays, reported as "not kept"
 
 __all__ = ["CAUSES", "NanReport", "NanWatch"]
 
@@ -37,34 +40,53 @@ class _Step:
     """A step the guard has checked: its captures and its (found_inf, norm jump) flags on the device."""
     step: int
     captures: list
-    flags: object  # non-finite gradients, norm jump, the norm, the median it was compared with: a device fp64 (4,)
-    # tensor, or a list of floats where reading them was free (CPU)
+    flags: object  # non-finite gradients, norm jump, the norm, the median it was compared with, the GradScaler's
+    # scale (NaN without one): a device fp64 (5,) tensor, or a list of floats where reading them was free (CPU)
     host_flags: torch.Tensor | None = None  # CUDA: a pinned copy, valid once `ready` has completed
     ready: object = None
 
 
 def _keep_grad(grads, index, grad):
-    grads[index] = grad
+    # several backward calls through one output (two losses, retain_graph) add up, as .grad does
+    grads[index] = grad if index not in grads else grads[index] + grad
+
+
+def lower_median(values):
+    """The median as torch.nanmedian defines it: the lower of the two middle values for an even count."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else float("nan")
+
+
+def _cuda_devices(model, call_tensors):
+    """Indices of the CUDA devices of the call's tensors and of the model's parameters and buffers."""
+    found = {t.device for t in call_tensors}
+    found.update(p.device for p in model.parameters())
+    found.update(b.device for b in model.buffers())
+    return {d.index or 0 for d in found if d.type == "cuda"}
 
 
 class NanWatch:
     """Watches `model`: hand it to NanGuard(optimizer, ..., watch=watch), then read watch.report()."""
 
-    def __init__(self, model, *, jump_factor=100.0, history=32, min_history=8, keep=2, copy_inputs=False):
+    def __init__(self, model, *, jump_factor=100.0, history=32, min_history=8, keep=2, copy_inputs=False,
+                 sample_dim=0):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not 1 < jump_factor < math.inf:
             raise ValueError(f"jump_factor must be a finite number > 1, got {jump_factor}")
-        for name, value in (("history", history), ("min_history", min_history), ("keep", keep)):
+        for name, value in (("history", history), ("min_history", min_history), ("keep", keep),
+                            ("sample_dim", sample_dim)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if not 1 <= min_history <= history:
             raise ValueError(f"min_history must be in [1, history={history}], got {min_history}")
         if not keep >= 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
+        if sample_dim < 0:
+            raise ValueError(f"sample_dim must be >= 0, got {sample_dim}")
         self.model, self.jump_factor, self.min_history, self.keep = model, float(jump_factor), min_history, keep
-        self.history_length, self.copy_inputs = history, copy_inputs
-        self.steps = 0
+        self.history_length, self.copy_inputs, self.sample_dim = history, copy_inputs, sample_dim
+        self.steps, self._dropped = 0, []
         self._calls, self._pending, self._replays, self._reports = [], [], [], {}
         self._history = self._record = None
         self._host_history = collections.deque(maxlen=history)  # the norms, where reading them is free
@@ -84,9 +106,8 @@ class NanWatch:
             return  # a call under no_grad (evaluation) gives no gradients: nothing to keep
         self._resolve(wait=False)  # a previous bad step is replayed before this call changes anything
         if self.copy_inputs:
-            args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
-        devices = {t.device.index or 0 for t in tree_leaves((args, kwargs))
-                   if isinstance(t, torch.Tensor) and t.is_cuda} if torch.cuda.is_initialized() else set()
+            args, kwargs = map_tensors(torch.clone, (args, kwargs))
+        devices = _cuda_devices(module, tensors((args, kwargs))) if torch.cuda.is_initialized() else set()
         autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
                          for d in ("cpu", "cuda") if d == "cpu" or devices)
         if len(self._calls) >= MAX_CALLS_PER_STEP:  # nothing observes the steps: keep memory bounded, say why
@@ -95,30 +116,35 @@ class NanWatch:
                 warnings.warn(f"NanWatch: {MAX_CALLS_PER_STEP} model calls and no step observed; pass watch= to "
                               "NanGuard (or call watch.observe(report) each step). Keeping only the latest calls.")
             del self._calls[0]
+        attributes, generators = module_state(module)
         self._calls.append(Capture(args, kwargs, torch.get_rng_state(),
-                                   {i: torch.cuda.get_rng_state(i) for i in devices}, autocast))
+                                   {i: torch.cuda.get_rng_state(i) for i in devices}, autocast, attributes,
+                                   [(g, g.get_state()) for _, _, g in generators]))
 
     def _capture_output(self, module, args, output):
         if self._replaying or torch.compiler.is_compiling() or not torch.is_grad_enabled() or not self._calls:
             return
         grads = self._calls[-1].output_grads
-        for i, leaf in enumerate(tree_leaves(output)):
-            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+        for i, leaf in enumerate(tensors(output)):
+            if leaf.requires_grad:
                 leaf.register_hook(functools.partial(_keep_grad, grads, i))
 
-    def observe(self, grad_report):
+    def observe(self, grad_report, scale=None):
         """Take one step's GradNormReport (NanGuard.step() calls this after its check, before the optimizer
-        step). Device ops only; a bad step is replayed here when its flag can be read for free (CPU)."""
+        step) and the GradScaler's scale of the step if there is one (a tensor). Device ops only; a bad step is
+        replayed here when its flag can be read for free (CPU)."""
         if torch.compiler.is_compiling():
             return
         norm, found_inf = grad_report.total_norm, grad_report.found_inf
-        if _backend.may_read_values(norm) and _backend.may_read_values(found_inf):  # CPU, eager: reading is free
+        free = _backend.may_read_values(norm) and _backend.may_read_values(found_inf)
+        if free and (scale is None or _backend.may_read_values(scale)):  # CPU, eager: reading is free
             flags = self._host_records(norm.item(), found_inf.item() > 0)
+            flags.append(float("nan") if scale is None else scale.item())
         else:
-            flags = self._update_records(self.steps, norm, found_inf)
+            flags = self._update_records(self.steps, norm, found_inf, scale)
         pending = _Step(self.steps, self._calls, flags)
         if isinstance(flags, torch.Tensor) and flags.is_cuda:
-            pending.host_flags = torch.empty(4, dtype=flags.dtype, pin_memory=True)
+            pending.host_flags = torch.empty(5, dtype=flags.dtype, pin_memory=True)
             pending.host_flags.copy_(flags, non_blocking=True)
             pending.ready = torch.cuda.Event()
             pending.ready.record()
@@ -130,16 +156,16 @@ class NanWatch:
 
     def _host_records(self, norm, found):
         """_update_records where the norm and flag are Python values: [found_inf, jump, norm, median]."""
-        history = [n for n in self._host_history]
-        median = statistics.median(history) if history else float("nan")
+        history = list(self._host_history)
+        median = lower_median(history)
         finite = -float("inf") < norm < float("inf")
         jump = len(history) >= self.min_history and finite and median > 0 and norm > self.jump_factor * median
         if finite:
             self._host_history.append(norm)
         return [float(found), float(jump), norm, median]
 
-    def _update_records(self, step, norm, found_inf):
-        """Norm history and the event record, on the device: (found_inf, jump, norm, median) as fp64 (4,)."""
+    def _update_records(self, step, norm, found_inf, scale):
+        """Norm history and the event record, on the device: (found_inf, jump, norm, median, scale) as fp64 (5,)."""
         norm = norm.detach().double()
         if self._history is None or self._history.device != norm.device:
             self._history = torch.full((self.history_length,), float("nan"), dtype=torch.float64,
@@ -158,7 +184,9 @@ class NanWatch:
         first_time = found & (self._record[0] < 0)
         self._record = torch.where(torch.stack([first_time, found, jump, jump, jump]),
                                    torch.stack([at, at, at, norm, median]), self._record)
-        return torch.stack([found.double(), jump.double(), norm, median])
+        scale = torch.full((), float("nan"), dtype=torch.float64, device=norm.device) if scale is None else \
+            scale.detach().double().reshape(()).to(norm.device)
+        return torch.stack([found.double(), jump.double(), norm, median, scale])
 
     # localising a bad step
     def _resolve(self, wait):
@@ -174,17 +202,22 @@ class NanWatch:
                 pending.ready.synchronize()  # report(): the one place that may wait for the device
             flags = pending.flags if pending.ready is None else pending.host_flags
             # host values already: a CPU tensor, or the pinned copy the event above says has landed
-            found, jump, norm, median = flags if isinstance(flags, list) else flags.tolist()
+            found, jump, norm, median, scale = flags if isinstance(flags, list) else flags.tolist()
             if found or jump:
-                self._replay(pending, "nonfinite" if found else ("jump", norm, median))
+                self._replay(pending, ("nonfinite", None if math.isnan(scale) else scale) if found
+                             else ("jump", norm, median))
 
     def _replay(self, pending, kind):
         self._replaying = True
         try:
-            replays = [replay(self.model, capture) for capture in pending.captures]
+            replays = [replay(self.model, capture, i, self.sample_dim) for i, capture in enumerate(pending.captures)]
         finally:
             self._replaying = False
         self._replays.append((pending.step, kind, replays))
+        if len(self._replays) > MAX_REPLAYS:  # keep the first (where it started) and the latest ones
+            step, kind, _ = self._replays.pop(MAX_REPLAYS // 2)
+            self._dropped.append((step, "nonfinite" if kind[0] == "nonfinite" else "jump"))
+            del self._dropped[:-MAX_DROPPED]
 
     def reports(self):
         """Every event seen so far, oldest first (one host sync reads them all)."""
@@ -203,16 +236,19 @@ class NanWatch:
                 for value in r.slots.values:
                     values.append(flat[offset:offset + value.numel()])
                     offset += value.numel()
-                if kind == "nonfinite" and found is None:
-                    report = nonfinite_report(step, r, values)
+                if kind[0] == "nonfinite" and found is None:
+                    report = nonfinite_report(step, r, values, kind[1])
                     found = None if report.cause == "not reproduced" and r is not replays[-1] else report
-                elif kind != "nonfinite" and found is None:
+                elif kind[0] != "nonfinite" and found is None:
                     found = jump_report(step, r, values, kind[1], kind[2], self.jump_factor)
-            if found is None and kind == "nonfinite":  # no captured call of the model in this step
+            if found is None and kind[0] == "nonfinite":  # no captured call of the model in this step
                 found = make_report(step, None, "not reproduced", None, None, 0, " (no call of the model captured)")
             if found is not None:
-                self._reports.setdefault((step, "nonfinite" if kind == "nonfinite" else "jump"), found)
+                self._reports.setdefault((step, kind[0]), found)
         self._replays = []
+        for step, kind in self._dropped:
+            self._reports.setdefault((step, kind), make_report(step, None, "not kept", None, None, 0))
+        self._dropped = []
         for step in {int(first_bad), int(last_bad)} - {-1}:
             if (step, "nonfinite") not in self._reports:
                 self._reports[(step, "nonfinite")] = make_report(step, None, "not localised", None, None, 0)

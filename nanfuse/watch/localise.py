@@ -1,44 +1,182 @@
-"""Read a replay's counts and name the producer: the first module that turned finite values into non-finite
-ones, in the order the values flowed (input, forward, loss, backward)."""
+"""Read a replay's counts and name the producer: the first module whose non-finite values reach the loss or the
+gradients, in the order the values flowed (input, forward, loss, backward).
+
+Which non-finite values count: a forward value is blamed only if it reaches the model's outputs as NaN, or as
++Inf with a non-finite gradient arriving there; -Inf at the outputs (masked logits) and non-finite values the
+forward absorbed (an additive -Inf attention mask before a softmax, NaN-coded inputs cleaned by nan_to_num) are
+not, unless the backward shows them reaching a gradient. A NaN made from an Inf is traced back to where the +Inf
+started (an exp overflowing, then inf / inf); -Inf is taken for a mask there.
+"""
+
+import math
 
 from .report import make_report
 
+NAN, POSINF, NEGINF = 0, 1, 2
+ANY = (NAN, POSINF, NEGINF)
 
-def _bad(values, slots):
-    return [s for s in slots if values[s][0] > 0]
+
+def _bad(values, slots, kinds=ANY):
+    return [s for s in slots if any(values[s][k] > 0 for k in kinds)]
+
+
+def _count(values, slot):
+    return sum(values[slot][:3])
 
 
 def _is_inside(name, ancestor):
     return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
 
 
-def nonfinite_report(step, replay, values):
-    """NanReport for a step whose gradients were non-finite, from its replay and the slots' values."""
-    labels = replay.slots.labels
+def _input_report(step, replay, values, kinds, detail=""):
     for slot, rows_slot in replay.inputs:
-        if values[slot][0] > 0:
+        if _bad(values, [slot], kinds):
             rows = None if rows_slot is None else [i for i, bad in enumerate(values[rows_slot]) if bad]
-            return make_report(step, "input", "bad input data", "", labels[slot], values[slot][0], rows=rows)
-    for i, (name, ins, outs) in enumerate(replay.forward):
-        if not _bad(values, ins) and _bad(values, outs):
-            slot = _bad(values, outs)[0]
-            later = [n for n, _, o in replay.forward[i + 1:] if _bad(values, o) and not _is_inside(name, n)]
-            return make_report(step, "forward", "unstable activation", name, labels[slot], values[slot][0],
-                               passed_on=list(dict.fromkeys(later)))
+            return make_report(step, "input", "bad input data", "", replay.slots.labels[slot], _count(values, slot),
+                               detail, rows=rows, call=replay.call,
+                               sample_dim=replay.sample_dim)
+    return None
+
+
+def _producers(forward, values, kinds, end=None):
+    """Indices of the module calls (completion order) whose outputs hold `kinds` and inputs do not."""
+    return [i for i, (_, ins, outs) in enumerate(forward[:end])
+            if not _bad(values, ins, kinds) and _bad(values, outs, kinds)]
+
+
+def _inf_origin(forward, values, index):
+    """Where the Inf that module call `index` turned into NaN started: the latest earlier call that made an Inf of
+    that sign from inputs without one, else the innermost enclosing call whose own code made it (None if the Inf
+    came from outside every module: the model's inputs)."""
+    name, ins, _ = forward[index]
+    kinds = (POSINF,) if _bad(values, ins, (POSINF,)) else (NEGINF,)
+    earlier = _producers(forward, values, kinds, index)
+    if earlier:  # the latest, or the innermost module inside it that made it (children complete first)
+        outer = forward[earlier[-1]][0]
+        return next(i for i in earlier if _is_inside(forward[i][0], outer)), kinds
+    for later, (outer, outer_ins, _) in enumerate(forward[index + 1:], index + 1):
+        if _is_inside(name, outer) and not _bad(values, outer_ins, kinds):
+            return later, kinds
+    return None
+
+
+def _forward_report(step, replay, values, kinds):
+    """The forward producer, else the input, of the `kinds` of non-finite values that reached the model's
+    outputs. A module making them from clean inputs is preferred to a non-finite input, which the model may
+    have cleaned (a NaN-coded missing value under nan_to_num)."""
+    forward = replay.forward
+    found = _producers(forward, values, kinds)
+    if not found:
+        return _input_report(step, replay, values, kinds)
+    index = found[0]
+    if kinds == (NAN,) and _bad(values, forward[index][1], (POSINF, NEGINF)):  # NaN made from an Inf
+        origin = _inf_origin(forward, values, index)
+        if origin is None:
+            found = _input_report(step, replay, values, (POSINF, NEGINF), " (an Inf in the batch became NaN)")
+            if found is not None:
+                return found
+        else:
+            index, kinds = origin
+    name, _, outs = forward[index]
+    slot = (_bad(values, outs, kinds) or _bad(values, outs))[0]
+    later = [n for n, _, o in forward[index + 1:] if _bad(values, o) and not _is_inside(name, n)]
+    return make_report(step, "forward", "unstable activation", name, replay.slots.labels[slot], _count(values, slot),
+                       passed_on=list(dict.fromkeys(later)), call=replay.call)
+
+
+def _backward_producer(replay, values):
+    """(module, slot or label) where the backward first turned finite gradients into non-finite ones: descend from
+    the model through the modules called, into a child that received finite gradients and holds non-finite ones;
+    where no child does, the module's own code made them. None if every gradient was finite."""
+    called = {name for name, _, _ in replay.forward} | {""}
+    grads = {name: {"in": [], "out": []} for name in called}
+    for order, name, side, slot in replay.backward:
+        grads[name][side].append((order, slot))
+
+    def parent(name):
+        while name:
+            name = name.rpartition(".")[0]
+            if name in called:
+                return name
+        return ""
+
+    children = {}
+    for name in sorted(called - {""}):
+        children.setdefault(parent(name), []).append(name)
+    param_slots = {name: [s for owner, own in replay.params.items() if _is_inside(owner, name) for s, _ in own]
+                   for name in called}
+
+    def bad_orders(name):  # when its (or a descendant's) non-finite gradients fired; parameters last
+        orders = [o for n in called if _is_inside(n, name) for o, s in grads[n]["in"] + grads[n]["out"]
+                  if _bad(values, [s])]
+        return orders + [math.inf] * len(_bad(values, param_slots[name]))
+
+    def received(name):
+        return _bad(values, [s for _, s in grads[name]["out"]])
+
+    if not bad_orders(""):
+        return None
+    current = ""
+    while True:
+        candidates = [c for c in children.get(current, []) if not received(c) and bad_orders(c)]
+        if not candidates:
+            break
+        current = min(candidates, key=lambda c: min(bad_orders(c)))
+    own = [s for _, s in sorted(grads[current]["in"])] + [s for s, _ in replay.params.get(current, [])]
+    if _bad(values, own):
+        return current, _bad(values, own)[0]
+    child = next((c for c in children.get(current, []) if received(c)), None)
+    return current, f"gradient it passed to `{child}`" if child is not None else None
+
+
+def nonfinite_report(step, replay, values, scale=None):
+    """NanReport for a step whose gradients were non-finite, from its replay and the slots' values. `scale`: the
+    GradScaler's scale of that step (None without one)."""
+    if _bad(values, replay.outputs, (NAN,)):
+        found = _forward_report(step, replay, values, (NAN,))
+        if found is not None:
+            return found
+    if _bad(values, replay.outputs, (POSINF,)) and _bad(values, replay.output_grads):
+        found = _forward_report(step, replay, values, (POSINF,))
+        if found is not None:
+            return found
+    overflow = scale is not None and scale > 1.0  # at a scale <= 1 the loss scaling did not make the overflow
+    detail = f" (scale {scale:g})" if overflow else ""
+    cause = "loss-scale overflow" if overflow else None
     if _bad(values, replay.output_grads):
         slot = _bad(values, replay.output_grads)[0]
-        return make_report(step, "loss", "unstable loss", "", labels[slot], values[slot][0])
-    for name, outs, ins in replay.backward:
-        own = [s for s, _ in replay.params.get(name, [])]
-        if not _bad(values, outs) and _bad(values, ins + own):
-            slot = _bad(values, ins + own)[0]
-            return make_report(step, "backward", "exploding gradients", name, labels[slot], values[slot][0])
-    for name, own in replay.params.items():  # a gradient made outside any hooked module's backward
-        if _bad(values, [s for s, _ in own]):
-            slot = _bad(values, [s for s, _ in own])[0]
-            return make_report(step, "backward", "exploding gradients", name, labels[slot], values[slot][0])
+        return make_report(step, "loss", cause or "unstable loss", "", replay.slots.labels[slot],
+                           _count(values, slot), detail, call=replay.call)
+    found = _backward_producer(replay, values)
+    if found is not None:
+        name, slot = found
+        absorbed = _absorbed(step, replay, values, name)
+        if absorbed is not None:
+            return absorbed
+        label, count = (replay.slots.labels[slot], _count(values, slot)) if isinstance(slot, int) else (slot, 0)
+        return make_report(step, "backward", cause or "exploding gradients", name, label, count, detail,
+                           call=replay.call)
     detail = f" (the replay raised {replay.error})" if replay.error else ""
-    return make_report(step, None, "not reproduced", None, None, 0, detail)
+    return make_report(step, None, "not reproduced", None, None, 0, detail, call=replay.call)
+
+
+def _absorbed(step, replay, values, name):
+    """A non-finite forward value the forward absorbed but the backward did not (a NaN input masked out after a
+    Linear still makes its weight gradient NaN): blame where that value came from, not the backward."""
+    if not any(_bad(values, ins) for n, ins, _ in replay.forward if n == name):
+        return None
+    detail = f" (the forward absorbed it, but it reached the gradients in `{name or 'the model'}`)"
+    reported = _input_report(step, replay, values, ANY, detail)
+    if reported is not None:
+        return reported
+    found = _producers(replay.forward, values, ANY)
+    if not found:
+        return None
+    index = found[0]
+    producer, _, outs = replay.forward[index]
+    slot = _bad(values, outs)[0]
+    return make_report(step, "forward", "unstable activation", producer, replay.slots.labels[slot],
+                       _count(values, slot), detail, call=replay.call)
 
 
 def jump_report(step, replay, values, norm, median, factor):
@@ -53,4 +191,5 @@ def jump_report(step, replay, values, norm, median, factor):
     owner, _, leaf = name.rpartition(".")
     numbers.update(largest=name, share=top / total if total else 0.0)
     detail += f"; {name} holds {top / total:.0%} of it" if total else ""
-    return make_report(step, "backward", "exploding gradients", owner, f"{leaf}.grad", 0, detail, numbers=numbers)
+    return make_report(step, "backward", "exploding gradients", owner, f"{leaf}.grad", 0, detail, numbers=numbers,
+                       call=replay.call)

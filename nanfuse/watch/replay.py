@@ -1,18 +1,23 @@
-"""Replay one captured model call with hooks on every submodule, counting the non-finite values of every
+"""Replay one captured model call with hooks on every submodule, counting the NaN, +Inf and -Inf values of every
 module's inputs, outputs, grad_outputs and grad_inputs and of every parameter gradient, as device tensors.
 
 Runs only for a step already known to be bad (or a gradient-norm jump), so per-tensor checks are fine here.
-The replay restores what it touches: the RNG states and the model's buffers (BatchNorm statistics) are put
-back as they were, and gradients come from torch.autograd.grad, so no .grad is changed.
+Forward values are counted when each hook fires, before any later in-place op can change them; the backward
+is watched through tensor hooks on each module's inputs and outputs (not full backward hooks, which refuse
+in-place ops on those tensors), so keyword arguments are covered too. The replay runs under the captured RNG
+states (the default generators and the torch.Generator attributes of the model's modules) and with the
+module tensor attributes the call saw (a recurrent state kept across steps), and puts back everything it
+touches: those states and attributes, and the model's buffers; gradients come from torch.autograd.grad, so
+no .grad changes.
 """
 
 import contextlib
 import dataclasses
 import inspect
-import warnings
 
 import torch
-from torch.utils._pytree import tree_leaves
+
+from .tree import named_tensors, tensors
 
 
 @dataclasses.dataclass
@@ -23,15 +28,29 @@ class Capture:
     cpu_rng: torch.Tensor
     cuda_rng: dict  # device index -> generator state
     autocast: tuple  # (device type, enabled, dtype) for cpu and cuda
+    attributes: list  # (module, name, tensor): the tensor attributes of the model's modules at the call
+    generators: list  # (generator, state): torch.Generator attributes of the model's modules at the call
     output_grads: dict = dataclasses.field(default_factory=dict)  # output leaf index -> gradient arriving there
 
 
+def module_state(model):
+    """(tensor attributes, generator attributes) of the model's modules: [(module, name, value)] each."""
+    found, generators = [], []
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                found.append((module, name, value))
+            elif isinstance(value, torch.Generator):
+                generators.append((module, name, value))
+    return found, generators
+
+
 def _float_leaves(tree):
-    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t for t in tensors(tree) if t.is_floating_point()]
 
 
 class Slots:
-    """Device values (non-finite counts, bad-row masks, norms) gathered during a replay, read in one go."""
+    """Device values (NaN/+Inf/-Inf counts, bad-row masks, norms) gathered during a replay, read in one go."""
 
     def __init__(self):
         self.values, self.labels = [], []
@@ -42,7 +61,12 @@ class Slots:
         return len(self.values) - 1
 
     def count(self, tensors, names):
-        return [self.add((~torch.isfinite(t.detach())).sum(), name) for t, name in zip(tensors, names)]
+        """One slot per tensor holding its (NaN, +Inf, -Inf) counts."""
+        slots = []
+        for t, name in zip(tensors, names):
+            t = t.detach()
+            slots.append(self.add(torch.stack([t.isnan().sum(), t.isposinf().sum(), t.isneginf().sum()]), name))
+        return slots
 
 
 def _names(prefix, tensors):
@@ -57,23 +81,31 @@ def _argument_names(model, args, kwargs):
         bound = {f"args[{i}]": a for i, a in enumerate(args)} | kwargs
     named = []
     for name, value in bound.items():
-        leaves = _float_leaves(value)
-        named += [(t, f"input `{name}`" + (f"[{i}]" if len(leaves) > 1 else "")) for i, t in enumerate(leaves)]
+        named += [(t, f"input `{name}{path}`") for path, t in named_tensors(value) if t.is_floating_point()]
     return named
 
 
 @contextlib.contextmanager
 def _as_captured(model, capture):
-    """Run under the captured RNG and autocast states; put RNG states and buffers back afterwards."""
+    """Run under the captured RNG, autocast and module states; put back everything afterwards."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = {i: torch.cuda.get_rng_state(i) for i in capture.cuda_rng}
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    attributes, generators = module_state(model)
+    # copied back afterwards; a tensor of the real step's graph only if the replay changed it in place (its version
+    # moved), so that step's backward still finds it unchanged (BatchNorm's running statistics keep their version)
+    saved = [(t, None if t.requires_grad else -1, t.detach().clone())
+             for t in [*model.buffers(), *(v for _, _, v in attributes)]]
+    saved = [(t, t._version if version is None else version, value) for t, version, value in saved]
+    saved_generators = [(generator, generator.get_state()) for _, _, generator in generators]
     torch.set_rng_state(capture.cpu_rng)
     for i, state in capture.cuda_rng.items():
         torch.cuda.set_rng_state(state, i)
+    for generator, state in capture.generators:
+        generator.set_state(state)
+    for module, name, value in capture.attributes:
+        setattr(module, name, value)
     try:
-        with contextlib.ExitStack() as stack, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs without grad
+        with contextlib.ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
             for device_type, enabled, dtype in capture.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
@@ -82,61 +114,82 @@ def _as_captured(model, capture):
         torch.set_rng_state(cpu_rng)
         for i, state in cuda_rng.items():
             torch.cuda.set_rng_state(state, i)
+        for generator, state in saved_generators:
+            generator.set_state(state)
+        for module, name, value in attributes:
+            setattr(module, name, value)
         with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
+            for tensor, version, value in saved:
+                if version < 0 or tensor._version != version:
+                    tensor.copy_(value)
 
 
 @dataclasses.dataclass
 class Replay:
     """The slots of one replayed call and how they are grouped (all indices into slots.values)."""
     slots: Slots
+    call: int  # which call of the model in its step (gradient accumulation makes several)
     inputs: list  # (slot, rows slot) per float input of the model call
     forward: list  # (module name, input slots, output slots) in completion order
+    outputs: list  # slots of the model's float outputs
     output_grads: list  # slots of the gradients arriving at the model's outputs
-    backward: list  # (module name, grad_output slots, grad_input slots) in the order the hooks fired
+    backward: list  # (order, module name, "in" or "out", slot): gradients at module inputs and outputs, as fired
     params: dict  # module name -> [(slot, 'name.grad')] for its own parameters
     norms: list  # (slot, parameter name): gradient norm of each parameter
     error: str | None = None
+    sample_dim: int = 0  # the dim of the inputs whose bad entries are reported as rows
 
 
-def replay(model, capture):
+def _rows(t, sample_dim):
+    """Per-sample bool mask (along sample_dim) of the samples holding a non-finite value; None if none fits."""
+    if t.dim() <= sample_dim or not t.numel():
+        return None
+    return (~torch.isfinite(t.detach())).movedim(sample_dim, 0).reshape(t.shape[sample_dim], -1).any(1)
+
+
+def replay(model, capture, call=0, sample_dim=0):
     """Run the captured call again with hooks on, then its backward from the captured output gradients."""
     slots = Slots()
-    record = Replay(slots, [], [], [], [], {}, [])
+    record = Replay(slots, call, [], [], [], [], [], {}, [], sample_dim=sample_dim)
     open_calls, handles = [], []
+
+    def grad_hook(name, side, label):
+        def hook(grad):
+            record.backward.append((len(record.backward), name, side, slots.count([grad], [label])[0]))
+        return hook
+
+    def watch_grads(name, side, tensors, prefix):
+        for t, label in zip(tensors, _names(prefix, tensors)):
+            if t.requires_grad:
+                t.register_hook(grad_hook(name, side, label))
 
     def pre_hook(name):
         def hook(module, args, kwargs):
             tensors = _float_leaves((args, kwargs))
             open_calls.append(slots.count(tensors, _names(f"{name or 'model'} input", tensors)))
+            watch_grads(name, "in", tensors, "grad_input")
         return hook
 
     def post_hook(name):
         def hook(module, args, kwargs, output):
             tensors = _float_leaves(output)
             record.forward.append((name, open_calls.pop(), slots.count(tensors, _names("output", tensors))))
-        return hook
-
-    def backward_hook(name):
-        def hook(module, grad_input, grad_output):
-            outs, ins = [g for g in grad_output if g is not None], [g for g in grad_input if g is not None]
-            record.backward.append((name, slots.count(outs, _names("grad_output", outs)),
-                                    slots.count(ins, _names("grad_input", ins))))
+            watch_grads(name, "out", tensors, "grad_output")
         return hook
 
     for t, label in _argument_names(model, capture.args, capture.kwargs):
-        rows = (~torch.isfinite(t.detach())).reshape(t.shape[0], -1).any(1) if t.dim() and t.numel() else None
+        rows = _rows(t, sample_dim)
         record.inputs.append((slots.count([t], [label])[0], None if rows is None else slots.add(rows, label)))
     try:
         for name, module in model.named_modules():
             handles += [module.register_forward_pre_hook(pre_hook(name), with_kwargs=True),
-                        module.register_forward_hook(post_hook(name), with_kwargs=True),
-                        module.register_full_backward_hook(backward_hook(name))]
+                        module.register_forward_hook(post_hook(name), with_kwargs=True)]
         params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         with _as_captured(model, capture):
             output = model(*capture.args, **capture.kwargs)
-            leaves = tree_leaves(output)
+            leaves = tensors(output)
+            floats = [t for t in leaves if t.is_floating_point()]
+            record.outputs = slots.count(floats, _names("model output", floats))
             pairs = [(leaves[i], g) for i, g in sorted(capture.output_grads.items())]
             record.output_grads = slots.count([g for _, g in pairs], _names("gradient arriving at output", pairs))
             if pairs and params:

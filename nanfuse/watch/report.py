@@ -18,6 +18,11 @@ CAUSES = {
     "exploding gradients": (
         "forward and loss were finite; the gradients overflowed or jumped in backward",
         "lower the learning rate or add warm-up, clip (NanGuard(max_norm=...)), or fix that layer's backward"),
+    "loss-scale overflow": (
+        "forward and loss were finite, and the GradScaler's scale made the scaled fp16 gradients overflow: routine "
+        "for dynamic loss scaling (not one of the four causes); the step was skipped and the scaler lowers its "
+        "scale",
+        "nothing, unless it repeats step after step with the scale falling: then look for exploding gradients"),
     "not reproduced": (
         "replaying the step with the same batch, RNG state and parameters gave finite values: a non-deterministic "
         "op, a race or a hardware fault, or gradients that did not come from the model's call",
@@ -26,6 +31,10 @@ CAUSES = {
         "the step's gradients were non-finite, but its batch was released before the flag reached the host (the "
         "device ran more than `keep` steps behind)",
         "raise NanWatch(keep=...), or call watch.report() soon after a skipped step"),
+    "not kept": (
+        "the step's gradients were non-finite and it was replayed, but more bad steps waited for report() than "
+        "the watch keeps (the first and the latest are kept)",
+        "call watch.report() (or watch.reports()) more often"),
 }
 
 
@@ -41,9 +50,11 @@ class NanReport:
     count: int  # non-finite values in that tensor (0 for a finite norm jump)
     explanation: str
     remedy: str
-    rows: list | None = None  # bad input data: the samples (dim 0) holding a non-finite value
+    rows: list | None = None  # bad input data: the samples (indices along sample_dim) holding a non-finite value
     passed_on: list = dataclasses.field(default_factory=list)  # modules after it that only passed it on
     numbers: dict = dataclasses.field(default_factory=dict)  # norm jump: norm, median, ratio
+    call: int | None = None  # which call of the model in the step (0-based; gradient accumulation makes several)
+    sample_dim: int = 0  # the input dim that `rows` index (NanWatch(sample_dim=...))
 
     def __str__(self):
         where = "the model's own forward code" if self.module == "" else f"`{self.module}`"
@@ -54,7 +65,7 @@ class NanReport:
             head += f" ({self.phase} phase, in {where}, {self.tensor}: {self.count} non-finite values)"
         lines = [head, f"  why: {self.explanation}", f"  fix: {self.remedy}"]
         if self.rows is not None:
-            lines.insert(1, f"  samples: {self.rows}")
+            lines.insert(1, f"  samples: {self.rows} (dim {self.sample_dim} of call {self.call} of the model)")
         if self.passed_on:
             lines.insert(1, f"  passed on by: {', '.join(self.passed_on)}")
         return "\n".join(lines)
