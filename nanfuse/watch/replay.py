@@ -11,6 +11,7 @@ touches: those states and attributes, and the model's buffers; gradients come fr
 no .grad changes.
 """
 
+import collections
 import contextlib
 import dataclasses
 import inspect
@@ -33,11 +34,16 @@ class Capture:
     output_grads: dict = dataclasses.field(default_factory=dict)  # output leaf index -> gradient arriving there
 
 
+_PLAIN = frozenset({dict, collections.OrderedDict, bool, int, float, str, type(None), list, tuple, set})
+
+
 def module_state(model):
     """(tensor attributes, generator attributes) of the model's modules: [(module, name, value)] each."""
     found, generators = [], []
     for module in model.modules():
         for name, value in vars(module).items():
+            if type(value) in _PLAIN:  # most of a module's attributes: skipped without an isinstance check
+                continue
             if isinstance(value, torch.Tensor):
                 found.append((module, name, value))
             elif isinstance(value, torch.Generator):
