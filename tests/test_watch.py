@@ -408,8 +408,10 @@ class Recurrent(torch.nn.Module):
         self.cell, self.head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 4)
         self.hidden = torch.zeros(1, 6)
         self.noise = torch.Generator().manual_seed(5)
+        self.calls = 0
 
     def forward(self, x):
+        self.calls += 1
         h = torch.tanh(self.cell(x) + self.hidden)
         self.hidden = h.detach().mean(0, keepdim=True)
         return self.head(h + 0.1 * torch.rand(h.shape, generator=self.noise))
@@ -437,6 +439,7 @@ def test_a_run_with_the_watch_and_a_bad_step_equals_a_run_without():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(watched_model.hidden, plain_model.hidden, rtol=0, atol=0)
     assert torch.equal(watched_model.noise.get_state(), plain_model.noise.get_state())
+    assert watched_model.calls == plain_model.calls == 4
 
 
 def test_the_replay_runs_with_the_hidden_state_and_generator_the_step_saw():

@@ -7,7 +7,8 @@ is watched through tensor hooks on each module's inputs and outputs (not full ba
 in-place ops on those tensors), so keyword arguments are covered too. The replay runs under the captured RNG
 states (the default generators and the torch.Generator attributes of the model's modules) and with the
 module tensor attributes the call saw (a recurrent state kept across steps), and puts back everything it
-touches: those states and attributes, and the model's buffers; gradients come from torch.autograd.grad, so
+touches: those states, every module attribute's binding (tensors, counters), the tensor attributes' and the
+buffers' values; gradients come from torch.autograd.grad, so
 no .grad changes.
 """
 
@@ -97,6 +98,7 @@ def _as_captured(model, capture):
     cpu_rng = torch.get_rng_state()
     cuda_rng = {i: torch.cuda.get_rng_state(i) for i in capture.cuda_rng}
     attributes, generators = module_state(model)
+    bindings = [(module, dict(vars(module))) for module in model.modules()]  # every attribute (a step counter)
     # copied back afterwards; a tensor of the real step's graph only if the replay changed it in place (its version
     # moved), so that step's backward still finds it unchanged (BatchNorm's running statistics keep their version)
     saved = [(t, None if t.requires_grad else -1, t.detach().clone())
@@ -122,8 +124,9 @@ def _as_captured(model, capture):
             torch.cuda.set_rng_state(state, i)
         for generator, state in saved_generators:
             generator.set_state(state)
-        for module, name, value in attributes:
-            setattr(module, name, value)
+        for module, names in bindings:
+            vars(module).clear()
+            vars(module).update(names)
         with torch.no_grad():
             for tensor, version, value in saved:
                 if version < 0 or tensor._version != version:
