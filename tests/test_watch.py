@@ -360,6 +360,59 @@ def test_an_absorbed_minus_inf_mask_is_not_blamed_for_an_overflow_in_backward():
     assert (report.phase, report.cause, report.module) == ("backward", "exploding gradients", "3"), str(report)
 
 
+class Attend(torch.nn.Module):
+    def forward(self, scores, mask):
+        return Overflow.apply(torch.softmax(scores + mask, -1))
+
+
+class MaskedAttention(torch.nn.Module):
+    """An additive float mask with -inf given as a model input, into a module whose backward overflows."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.attend, self.last = torch.nn.Linear(6, 8), Attend(), torch.nn.Linear(8, 4)
+
+    def forward(self, x, mask):
+        return self.last(self.attend(self.first(x), mask))
+
+
+def test_a_minus_inf_mask_given_as_input_is_not_bad_input_data():
+    torch.manual_seed(0)
+    model = MaskedAttention()
+    watch, guard = watched(model)
+    x, y = batch(0)
+    mask = torch.zeros(8, 8)
+    mask[:, :3] = float("-inf")
+    nanfuse.cross_entropy(model(x, mask), y).backward()
+    guard.step()
+    report = watch.report()
+    assert (report.phase, report.cause, report.module) == ("backward", "exploding gradients", "attend"), str(report)
+
+
+class MaskedAfterLinear(torch.nn.Module):
+    """NaN-coded inputs whose rows are masked out after the first Linear: finite forward, NaN weight gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.last = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.last(torch.where(torch.isfinite(h), h, 0.0))
+
+
+def test_a_nan_input_absorbed_in_forward_that_reaches_a_weight_gradient_is_bad_input_data():
+    torch.manual_seed(0)
+    model = MaskedAfterLinear()
+    watch, guard = watched(model)
+    x, y = batch(0)
+    x[5, 2] = float("nan")
+    train_step(model, guard, x, y)
+    report = watch.report()
+    assert (report.phase, report.cause, report.rows) == ("input", "bad input data", [5]), str(report)
+    assert "reached the gradients in `first`" in report.explanation
+
+
 def test_minus_inf_masked_logits_fed_to_the_loss_are_not_blamed():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), OverflowingLayer(), torch.nn.Linear(8, 4), MaskedScores())

@@ -163,18 +163,19 @@ def nonfinite_report(step, replay, values, scale=None):
 def _absorbed(step, replay, values, name):
     """A non-finite forward value the forward absorbed but the backward did not (a NaN input masked out after a
     Linear still makes its weight gradient NaN): blame where that value came from, not the backward."""
-    if not any(_bad(values, ins) for n, ins, _ in replay.forward if n == name):
+    kinds = (NAN, POSINF)  # -Inf is taken for a mask (an additive attention mask among the inputs)
+    if not any(_bad(values, ins, kinds) for n, ins, _ in replay.forward if n == name):
         return None
     detail = f" (the forward absorbed it, but it reached the gradients in `{name or 'the model'}`)"
-    reported = _input_report(step, replay, values, ANY, detail)
+    reported = _input_report(step, replay, values, kinds, detail)
     if reported is not None:
         return reported
-    found = _producers(replay.forward, values, ANY)
+    found = _producers(replay.forward, values, kinds)
     if not found:
         return None
     index = found[0]
     producer, _, outs = replay.forward[index]
-    slot = _bad(values, outs)[0]
+    slot = _bad(values, outs, kinds)[0]
     return make_report(step, "forward", "unstable activation", producer, replay.slots.labels[slot],
                        _count(values, slot), detail, call=replay.call)
 
