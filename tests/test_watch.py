@@ -234,6 +234,15 @@ def test_watched_step_reads_nothing_back_until_report(monkeypatch):
     assert (report.step, report.module, report.cause) == (1, "2", "unstable activation")
 
 
+def test_the_replay_leaves_no_hook_on_a_model_argument():
+    model = sequential(Divide())
+    watch, guard = watched(model)
+    x, y = batch(0)
+    x.requires_grad_(True)  # an argument from outside the model that takes part in the backward
+    train_step(model, guard, x, y)
+    assert watch.report().module == "2" and not x._backward_hooks
+
+
 def test_remove_takes_the_hooks_off():
     model = sequential(torch.nn.ReLU())
     watch, _ = watched(model)

@@ -169,8 +169,8 @@ def replay(model, capture, call=0, sample_dim=0):
 
     def watch_grads(name, side, tensors, prefix):
         for t, label in zip(tensors, _names(prefix, tensors)):
-            if t.requires_grad:
-                t.register_hook(grad_hook(name, side, label))
+            if t.requires_grad:  # removed afterwards: a tensor from outside the replay (an argument) keeps none
+                handles.append(t.register_hook(grad_hook(name, side, label)))
 
     def pre_hook(name):
         def hook(module, args, kwargs):
