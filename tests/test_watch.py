@@ -552,6 +552,26 @@ def test_backward_overflow_names_the_right_module(model_type, module, tensor):
                                                                           tensor), str(report)
 
 
+class FunctionalUse(torch.nn.Module):
+    """A submodule's weight used through F.linear in the model's own code, its gradient overflowing there."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(self.first(x), Overflow.apply(self.head.weight), self.head.bias)
+
+
+def test_overflow_in_the_gradient_of_a_weight_used_functionally_names_the_calling_code():
+    torch.manual_seed(0)
+    model = FunctionalUse()
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.cause, report.module, report.tensor) == ("exploding gradients", "", "weight.grad"), str(report)
+
+
 def scaled_step(model, guard, scaler, x, y):
     scaler.scale(nanfuse.cross_entropy(model(x), y)).backward()
     guard.step()

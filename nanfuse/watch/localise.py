@@ -85,7 +85,7 @@ def _forward_report(step, replay, values, kinds):
 
 
 def _backward_producer(replay, values):
-    """(module, slot or label) where the backward first turned finite gradients into non-finite ones: descend from
+    """(module, slot, label) where the backward first turned finite gradients into non-finite ones: descend from
     the model through the modules called, into a child that received finite gradients and holds non-finite ones;
     where no child does, the module's own code made them. None if every gradient was finite."""
     called = {name for name, _, _ in replay.forward} | {""}
@@ -122,11 +122,16 @@ def _backward_producer(replay, values):
         if not candidates:
             break
         current = min(candidates, key=lambda c: min(bad_orders(c)))
-    own = [s for _, s in sorted(grads[current]["in"])] + [s for s, _ in replay.params.get(current, [])]
+    inner = children.get(current, [])  # its own parameters: those of no child it called (F.linear on a weight too)
+    own = [s for _, s in sorted(grads[current]["in"])] + [
+        s for owner, params in replay.params.items() for s, _ in params
+        if _is_inside(owner, current) and not any(_is_inside(owner, c) for c in inner)]
     if _bad(values, own):
-        return current, _bad(values, own)[0]
-    child = next((c for c in children.get(current, []) if received(c)), None)
-    return current, f"gradient it passed to `{child}`" if child is not None else None
+        slot = _bad(values, own)[0]
+        return current, slot, replay.slots.labels[slot]
+    child = min((c for c in inner if received(c)), key=lambda c: min(bad_orders(c)))
+    slot = _bad(values, [s for _, s in sorted(grads[child]["out"])])[0]
+    return current, slot, f"gradient it passed to `{child}`"
 
 
 def nonfinite_report(step, replay, values, scale=None):
@@ -149,12 +154,11 @@ def nonfinite_report(step, replay, values, scale=None):
                            _count(values, slot), detail, call=replay.call)
     found = _backward_producer(replay, values)
     if found is not None:
-        name, slot = found
+        name, slot, label = found
         absorbed = _absorbed(step, replay, values, name)
         if absorbed is not None:
             return absorbed
-        label, count = (replay.slots.labels[slot], _count(values, slot)) if isinstance(slot, int) else (slot, 0)
-        return make_report(step, "backward", cause or "exploding gradients", name, label, count, detail,
+        return make_report(step, "backward", cause or "exploding gradients", name, label, _count(values, slot), detail,
                            call=replay.call)
     detail = f" (the replay raised {replay.error})" if replay.error else ""
     return make_report(step, None, "not reproduced", None, None, 0, detail, call=replay.call)

@@ -32,8 +32,8 @@ CAUSES = {
         "device ran more than `keep` steps behind)",
         "raise NanWatch(keep=...), or call watch.report() soon after a skipped step"),
     "not kept": (
-        "the step's gradients were non-finite and it was replayed, but more bad steps waited for report() than "
-        "the watch keeps (the first and the latest are kept)",
+        "the step was bad (non-finite gradients or a norm jump) and was replayed, but more bad steps waited for "
+        "report() than the watch keeps (the first and the latest are kept)",
         "call watch.report() (or watch.reports()) more often"),
 }
 
