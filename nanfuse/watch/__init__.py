@@ -1,7 +1,8 @@
 """NanWatch: where a NaN/Inf started and which of four causes it was, with no host sync on clean steps.
 
 Every step (cheap, no host sync): a forward pre-hook and a forward hook on the watched model keep a reference
-to its call arguments, the RNG state, the autocast state and the gradient arriving at its outputs; the
+to its call arguments, the RNG states (its modules' torch.Generator attributes too), the autocast state, its
+modules' tensor attributes (a recurrent state kept across steps) and the gradient arriving at its outputs; the
 guard hands over its non-finite flag and gradient norm (NanGuard(..., watch=watch)), and a device-side
 history of the norm flags a norm that jumped past `jump_factor` times its recent median.
 Only a bad step (non-finite gradients, or a norm jump) is localised: once its flag reaches the host (at
@@ -155,7 +156,8 @@ class NanWatch:
         del self._pending[:-self.keep]  # unresolved older steps: the device record still names them
 
     def _host_records(self, norm, found):
-        """_update_records where the norm and flag are Python values: [found_inf, jump, norm, median]."""
+        """_update_records where the norm and flag are Python values: [found_inf, jump, norm, median] (the scale
+        is appended by observe)."""
         history = list(self._host_history)
         median = lower_median(history)
         finite = -float("inf") < norm < float("inf")
