@@ -243,6 +243,28 @@ def test_the_replay_leaves_no_hook_on_a_model_argument():
     assert watch.report().module == "2" and not x._backward_hooks
 
 
+class FailsWhenReplayed(torch.nn.Module):
+    """Makes a NaN the first time, raises the second (the replay): state kept outside the module."""
+
+    calls = []
+
+    def forward(self, x):
+        self.calls.append(1)
+        if len(self.calls) > 1:
+            raise RuntimeError("cannot run twice")
+        return x / (x - x)
+
+
+def test_a_replay_that_raises_says_it_could_not_localise():
+    FailsWhenReplayed.calls.clear()
+    model = sequential(FailsWhenReplayed())
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.cause, report.module, report.phase) == ("could not localise", None, None)
+    assert "RuntimeError: cannot run twice" in report.explanation
+
+
 def test_remove_takes_the_hooks_off():
     model = sequential(torch.nn.ReLU())
     watch, _ = watched(model)

@@ -32,6 +32,7 @@ MAX_CALLS_PER_STEP = 256
 # are reported as "not kept" (each holds a few device counts per module)
 MAX_REPLAYS = 16
 MAX_DROPPED = 1024  # step numbers of such replays, reported as "not kept"
+UNEXPLAINED = ("could not localise", "not reproduced")  # what one call's replay may end in, most telling first
 
 __all__ = ["CAUSES", "NanReport", "NanWatch"]
 
@@ -232,7 +233,7 @@ class NanWatch:
         first_bad, last_bad, jump_step, jump_norm, jump_median = flat[:5]
         offset = 5
         for step, kind, replays in self._replays:
-            found = None
+            found = unexplained = None
             for r in replays:
                 values = []
                 for value in r.slots.values:
@@ -240,9 +241,13 @@ class NanWatch:
                     offset += value.numel()
                 if kind[0] == "nonfinite" and found is None:
                     report = nonfinite_report(step, r, values, kind[1])
-                    found = None if report.cause == "not reproduced" and r is not replays[-1] else report
+                    if report.cause not in UNEXPLAINED:
+                        found = report
+                    elif unexplained is None or UNEXPLAINED.index(report.cause) < UNEXPLAINED.index(unexplained.cause):
+                        unexplained = report  # a later call may explain it; a replay that raised says the most
                 elif kind[0] != "nonfinite" and found is None:
                     found = jump_report(step, r, values, kind[1], kind[2], self.jump_factor)
+            found = found or unexplained
             if found is None and kind[0] == "nonfinite":  # no captured call of the model in this step
                 found = make_report(step, None, "not reproduced", None, None, 0, " (no call of the model captured)")
             if found is not None:

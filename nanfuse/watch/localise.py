@@ -160,8 +160,9 @@ def nonfinite_report(step, replay, values, scale=None):
             return absorbed
         return make_report(step, "backward", cause or "exploding gradients", name, label, _count(values, slot), detail,
                            call=replay.call)
-    detail = f" (the replay raised {replay.error})" if replay.error else ""
-    return make_report(step, None, "not reproduced", None, None, 0, detail, call=replay.call)
+    if replay.error:  # say so rather than name a module or cause from a replay that did not finish
+        return make_report(step, None, "could not localise", None, None, 0, f": {replay.error}", call=replay.call)
+    return make_report(step, None, "not reproduced", None, None, 0, call=replay.call)
 
 
 def _absorbed(step, replay, values, name):

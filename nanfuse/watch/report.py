@@ -27,6 +27,11 @@ CAUSES = {
         "replaying the step with the same batch, RNG state and parameters gave finite values: a non-deterministic "
         "op, a race or a hardware fault, or gradients that did not come from the model's call",
         "rerun the step to tell a fault from the data; check gradients set or modified by hand"),
+    "could not localise": (
+        "the step's gradients were non-finite, but replaying it with hooks on raised an error, so where the value "
+        "started is unknown",
+        "read the error: a model the per-module hooks cannot replay (please report it); the guard still skipped "
+        "the step"),
     "not localised": (
         "the step's gradients were non-finite, but its batch was released before the flag reached the host (the "
         "device ran more than `keep` steps behind)",
