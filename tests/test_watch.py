@@ -594,6 +594,39 @@ def test_overflow_in_the_gradient_of_a_weight_used_functionally_names_the_callin
     assert (report.cause, report.module, report.tensor) == ("exploding gradients", "", "weight.grad"), str(report)
 
 
+class Cell(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6)
+
+    def forward(self, x, h, blow=False):
+        out = torch.tanh(self.lin(x) + h)
+        return Overflow.apply(out) if blow else out
+
+
+class Loop(torch.nn.Module):
+    """A cell called in a loop, its backward overflowing in one call: the earlier calls only pass it on."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = Cell(), torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.zeros_like(x)
+        for t in range(4):
+            h = self.cell(x, h, blow=t == 2)
+        return self.head(h)
+
+
+def test_a_cell_called_in_a_loop_is_named_for_its_overflowing_call():
+    torch.manual_seed(0)
+    model = Loop()
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.cause, report.module, report.tensor) == ("exploding gradients", "cell", "grad_input 1"), str(report)
+
+
 def scaled_step(model, guard, scaler, x, y):
     scaler.scale(nanfuse.cross_entropy(model(x), y)).backward()
     guard.step()

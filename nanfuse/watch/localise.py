@@ -86,52 +86,54 @@ def _forward_report(step, replay, values, kinds):
 
 def _backward_producer(replay, values):
     """(module, slot, label) where the backward first turned finite gradients into non-finite ones: descend from
-    the model through the modules called, into a child that received finite gradients and holds non-finite ones;
-    where no child does, the module's own code made them. None if every gradient was finite."""
-    called = {name for name, _, _ in replay.forward} | {""}
-    grads = {name: {"in": [], "out": []} for name in called}
-    for order, name, side, slot in replay.backward:
-        grads[name][side].append((order, slot))
-
-    def parent(name):
-        while name:
-            name = name.rpartition(".")[0]
-            if name in called:
-                return name
-        return ""
-
-    children = {}
-    for name in sorted(called - {""}):
-        children.setdefault(parent(name), []).append(name)
-    param_slots = {name: [s for owner, own in replay.params.items() if _is_inside(owner, name) for s, _ in own]
-                   for name in called}
-
-    def bad_orders(name):  # when its (or a descendant's) non-finite gradients fired; parameters last
-        orders = [o for n in called if _is_inside(n, name) for o, s in grads[n]["in"] + grads[n]["out"]
-                  if _bad(values, [s])]
-        return orders + [math.inf] * len(_bad(values, param_slots[name]))
-
-    def received(name):
-        return _bad(values, [s for _, s in grads[name]["out"]])
-
-    if not bad_orders(""):
+    the model's call through the module calls made inside it, into a call that received finite gradients at its
+    outputs and holds non-finite ones (at its inputs, inside it, or in the parameters of the modules it ran);
+    where no inner call does, that call's own code made them. None if every gradient was finite. Calls, not
+    modules: a cell called in a loop passes a gradient it made in one call on to its earlier calls."""
+    calls = replay.calls
+    if not calls:
         return None
-    current = ""
+    grads = [{"in": [], "out": []} for _ in calls]
+    for order, call, side, slot in replay.backward:
+        grads[call][side].append((order, slot))
+    children = [[] for _ in calls]
+    for call, (_, parent) in enumerate(calls):
+        if parent is not None:
+            children[parent].append(call)
+    subtree = [[call] for call in range(len(calls))]
+    for call in reversed(range(len(calls))):  # a call starts after the call it was made in
+        if calls[call][1] is not None:
+            subtree[calls[call][1]] += subtree[call]
+
+    def params_inside(call):
+        return [s for owner, own in replay.params.items() if _is_inside(owner, calls[call][0]) for s, _ in own]
+
+    def bad_orders(call):  # when its (or an inner call's) non-finite gradients fired; parameters last
+        orders = [o for c in subtree[call] for o, s in grads[c]["in"] + grads[c]["out"] if _bad(values, [s])]
+        return orders + [math.inf] * len(_bad(values, params_inside(call)))
+
+    def received(call):
+        return _bad(values, [s for _, s in grads[call]["out"]])
+
+    if not bad_orders(0):
+        return None
+    current = 0
     while True:
-        candidates = [c for c in children.get(current, []) if not received(c) and bad_orders(c)]
+        candidates = [c for c in children[current] if not received(c) and bad_orders(c)]
         if not candidates:
             break
         current = min(candidates, key=lambda c: min(bad_orders(c)))
-    inner = children.get(current, [])  # its own parameters: those of no child it called (F.linear on a weight too)
+    name = calls[current][0]
+    inner = {calls[c][0] for c in children[current]}  # own parameters: of no module it called (F.linear on a weight)
     own = [s for _, s in sorted(grads[current]["in"])] + [
         s for owner, params in replay.params.items() for s, _ in params
-        if _is_inside(owner, current) and not any(_is_inside(owner, c) for c in inner)]
+        if _is_inside(owner, name) and not any(_is_inside(owner, c) for c in inner)]
     if _bad(values, own):
         slot = _bad(values, own)[0]
-        return current, slot, replay.slots.labels[slot]
-    child = min((c for c in inner if received(c)), key=lambda c: min(bad_orders(c)))
+        return name, slot, replay.slots.labels[slot]
+    child = min((c for c in children[current] if received(c)), key=lambda c: min(bad_orders(c)))
     slot = _bad(values, [s for _, s in sorted(grads[child]["out"])])[0]
-    return current, slot, f"gradient it passed to `{child}`"
+    return name, slot, f"gradient it passed to `{calls[child][0]}`"
 
 
 def nonfinite_report(step, replay, values, scale=None):

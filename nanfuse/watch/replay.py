@@ -142,7 +142,8 @@ class Replay:
     forward: list  # (module name, input slots, output slots) in completion order
     outputs: list  # slots of the model's float outputs
     output_grads: list  # slots of the gradients arriving at the model's outputs
-    backward: list  # (order, module name, "in" or "out", slot): gradients at module inputs and outputs, as fired
+    calls: list  # (module name, the call it was made in or None): every module call of the forward, as started
+    backward: list  # (order, call, "in" or "out", slot): gradients at module call inputs and outputs, as fired
     params: dict  # module name -> [(slot, 'name.grad')] for its own parameters
     norms: list  # (slot, parameter name): gradient norm of each parameter
     error: str | None = None
@@ -159,31 +160,34 @@ def _rows(t, sample_dim):
 def replay(model, capture, call=0, sample_dim=0):
     """Run the captured call again with hooks on, then its backward from the captured output gradients."""
     slots = Slots()
-    record = Replay(slots, call, [], [], [], [], [], {}, [], sample_dim=sample_dim)
+    record = Replay(slots, call, [], [], [], [], [], [], {}, [], sample_dim=sample_dim)
     open_calls, handles = [], []
 
-    def grad_hook(name, side, label):
+    def grad_hook(call, side, label):
         def hook(grad):
-            record.backward.append((len(record.backward), name, side, slots.count([grad], [label])[0]))
+            record.backward.append((len(record.backward), call, side, slots.count([grad], [label])[0]))
         return hook
 
-    def watch_grads(name, side, tensors, prefix):
+    def watch_grads(call, side, tensors, prefix):
         for t, label in zip(tensors, _names(prefix, tensors)):
             if t.requires_grad:  # removed afterwards: a tensor from outside the replay (an argument) keeps none
-                handles.append(t.register_hook(grad_hook(name, side, label)))
+                handles.append(t.register_hook(grad_hook(call, side, label)))
 
     def pre_hook(name):
         def hook(module, args, kwargs):
             tensors = _float_leaves((args, kwargs))
-            open_calls.append(slots.count(tensors, _names(f"{name or 'model'} input", tensors)))
-            watch_grads(name, "in", tensors, "grad_input")
+            call = len(record.calls)  # one per call: a module called in a loop (a recurrent cell) has several
+            record.calls.append((name, open_calls[-1][0] if open_calls else None))
+            open_calls.append((call, slots.count(tensors, _names(f"{name or 'model'} input", tensors))))
+            watch_grads(call, "in", tensors, "grad_input")
         return hook
 
     def post_hook(name):
         def hook(module, args, kwargs, output):
             tensors = _float_leaves(output)
-            record.forward.append((name, open_calls.pop(), slots.count(tensors, _names("output", tensors))))
-            watch_grads(name, "out", tensors, "grad_output")
+            call, ins = open_calls.pop()
+            record.forward.append((name, ins, slots.count(tensors, _names("output", tensors))))
+            watch_grads(call, "out", tensors, "grad_output")
         return hook
 
     for t, label in _argument_names(model, capture.args, capture.kwargs):
