@@ -17,20 +17,21 @@ import weakref
 import torch
 from torch import Tensor
 
-from . import clip
-from .cross_entropy import (
+from . import _grad_norm_impl
+from ._cross_entropy_impl import (
     CrossEntropyOptions,
-    _implementation,
     forward_pass,
+    implementation,
     input_grads,
     rows_backward,
     scale_grad,
     writes_grad_in_forward,
 )
-from .softmax import differentiable_rows_backward as softmax_differentiable_rows_backward
-from .softmax import needs_differentiable_backward as softmax_needs_differentiable_backward
-from .softmax import rows_backward as softmax_rows_backward
-from .softmax import rows_forward as softmax_rows_forward
+from ._optimizer_step import fused_step
+from ._softmax_impl import differentiable_rows_backward as softmax_differentiable_rows_backward
+from ._softmax_impl import needs_differentiable_backward as softmax_needs_differentiable_backward
+from ._softmax_impl import rows_backward as softmax_rows_backward
+from ._softmax_impl import rows_forward as softmax_rows_forward
 
 # ---------------------------------------------------------------- cross-entropy
 
@@ -56,7 +57,7 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 
     loss = logits.new_empty(logits.shape[:1] if reduction == "none" else (), dtype=acc)
     has_grad = compute_grad and writes_grad_in_forward(logits, _options(ignore_index, reduction, 0.0, 0.0, None, 1.0))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if has_grad else logits.new_empty(0)
-    stats = _implementation(logits).empty_stats(logits, target)
+    stats = implementation(logits).empty_stats(logits, target)
     return loss, grad, stats, logits.new_empty(3, dtype=acc)
 
 
@@ -190,7 +191,7 @@ softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 def grad_norm(grads: list[Tensor], max_norm: float | None, norm_type: float) -> tuple[Tensor, Tensor, Tensor]:
     """(result [3]: norm, clip coefficient, found_inf (fp32, fp64 if any gradient is fp64); the norm of the
     finite values, fp64; counts int64[2]: NaN, Inf)."""
-    return clip.device_norm(grads, max_norm, norm_type)[0]
+    return _grad_norm_impl.device_norm(grads, max_norm, norm_type)[0]
 
 
 @grad_norm.register_fake
@@ -204,7 +205,7 @@ def _(grads, max_norm, norm_type):
 @torch.library.custom_op("nanfuse::scale_grads_", mutates_args=("grads",))
 def scale_grads_(grads: list[Tensor], factor: Tensor) -> None:
     """Multiply gradients on one device by a 0-dim device factor in place (free when it is 1)."""
-    clip.device_scale_(grads, factor)
+    _grad_norm_impl.device_scale_(grads, factor)
 
 
 @scale_grads_.register_fake
@@ -232,8 +233,6 @@ def fused_optimizer_step(key: int, grad_scale: Tensor, found_inf: Tensor, skippe
     updates the parameters and optimizer state behind the graph's back: nothing after it in the same
     compiled region may read them (NanGuard.step ends with it).
     """
-    from .guard import fused_step
-
     fused_step(_OPTIMIZERS[key], grad_scale, found_inf)
     return skipped_steps + found_inf.to(skipped_steps.dtype)
 

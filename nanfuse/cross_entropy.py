@@ -8,146 +8,24 @@ rounding (see writes_grad_in_forward). No N x C softmax or fp32 copy is ever kep
 finite loss and gradient.
 """
 
-import dataclasses
 import os
 
 import torch
 from torch import nn
 
-from . import _backend
+from . import _backend, _ops
 from ._checks import check_cross_entropy_args, check_ignore_index
+from ._cross_entropy_impl import (
+    CrossEntropyOptions,
+    differentiable_backward,
+    forward_pass,
+    input_grads,
+    rows_backward,
+    scale_grad,
+    writes_grad_in_forward,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class CrossEntropyOptions:
-    ignore_index: int = -100
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: float | None = None
-    logit_scale: float = 1.0
-    inplace_backward: bool = False
-
-
-def _implementation(logits):
-    if _backend.uses_triton(logits):
-        from .kernels import cross_entropy
-
-        return cross_entropy
-    from .fallback import cross_entropy
-
-    return cross_entropy
-
-
-def _scalars(target, weight, opts, n_rows, n_classes, dtype):
-    """[ce_norm, z_norm, weight_sum] on the device: the reduction's normalisers, computed without a sync."""
-    device = target.device
-    # torch.full, not torch.tensor: a device fill, where copying a host value to a GPU would sync
-    weight_sum = weight.to(dtype).sum() if weight is not None else torch.full((), float(n_classes), device=device)
-    one = torch.ones((), dtype=dtype, device=device)
-    if opts.reduction != "mean":
-        return torch.stack([one, one, weight_sum.to(dtype)])
-    if target.dim() == 2:
-        ce_den = z_den = torch.full((), float(n_rows), dtype=dtype, device=device)
-    else:
-        valid = target != opts.ignore_index
-        z_den = valid.sum().to(dtype)
-        ce_den = z_den
-        if weight is not None:
-            in_range = torch.where((target >= 0) & (target < n_classes), target, 0)
-            ce_den = torch.where(valid, weight.to(dtype)[in_range], 0).sum()
-
-    def inverse(den):  # an empty batch, all targets ignored or a zero total weight: loss 0, not NaN
-        return torch.where(den != 0, 1.0 / den, 0.0)
-
-    return torch.stack([inverse(ce_den), inverse(z_den), weight_sum.to(dtype)])
-
-
-def writes_grad_in_forward(logits, opts):
-    """True where forward writes the gradient and backward only scales it: reduction mean/sum on fp32 logits.
-
-    fp16/bf16 logits keep the logits instead, and backward recomputes the gradient with the upstream factor
-    (loss scale, 1/k, 1/num_items) folded in before the one rounding to half precision: a gradient rounded in
-    forward and scaled after would be rounded twice (fp16: p/N underflows before a loss scale can lift it).
-    fp64 recomputes too, so that double backward and gradgradcheck work. Same memory: the logits are kept
-    where the gradient would be; one more read of them.
-    """
-    return opts.reduction != "none" and logits.dtype == torch.float32
-
-
-def forward_pass(logits, target, weight, opts, compute_grad):
-    """(loss, gradient or None, row statistics, normalisers): the forward shared by the autograd Function
-    and the registered op. The gradient is written only where writes_grad_in_forward and compute_grad say so.
-    """
-    impl = _implementation(logits)
-    n_rows, n_classes = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    with _backend.no_autocast(logits):
-        scalars = _scalars(target, weight, opts, n_rows, n_classes, acc)
-        grad = None
-        if compute_grad and writes_grad_in_forward(logits, opts):
-            grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        row_loss, stats = impl.cross_entropy_forward(logits, target, weight, scalars, opts, grad)
-    return (row_loss if opts.reduction == "none" else row_loss.sum()), grad, stats, scalars
-
-
-def scale_grad(grad, factor, in_place):
-    """The gradient forward wrote times the upstream factor, formed in fp32: one read and one write. The Triton
-    path works in place when asked (and then skips the pass for a factor of 1, read on the device); the PyTorch
-    path works out of place (and skips it then on CPU)."""
-    if not _backend.uses_triton(grad):
-        from .fallback.cross_entropy import scale_grad as scaled
-
-        return scaled(grad, factor)
-    from .kernels import scale
-
-    out = grad if in_place else torch.empty_like(grad, memory_format=torch.contiguous_format)
-    for launch in scale.plan_scale(grad, out, factor.to(torch.float32)):
-        launch.run()
-    return out
-
-
-def rows_backward(logits, target, weight, scalars, stats, grad_output, opts):
-    """The gradient recomputed from the logits and the saved row statistics, for the upstream gradient of each row
-    (reduction='none') or of the loss (mean/sum: a 0-dim grad_output, broadcast): one read, one write."""
-    grad_output = grad_output.expand(logits.shape[0])
-    grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    with _backend.no_autocast(logits):
-        _implementation(logits).cross_entropy_backward(logits, target, weight, scalars, opts, stats, grad_output,
-                                                       grad)
-    return grad
-
-
-def input_grads(logits, target, weight, scalars, opts, d_loss, needs):
-    """(d/dtarget, d/dweight) for probability targets, each None unless `needs` asks for it (PyTorch ops)."""
-    from .fallback.cross_entropy import probability_target_grads
-
-    row_factor = d_loss * scalars[0].to(d_loss.dtype)  # (N,) for reduction='none' (normaliser 1), else 0-dim
-    return probability_target_grads(logits, target, weight, opts, row_factor, needs[1], needs[2])
-
-
-def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs, batched=False):
-    """(d/dlogits, d/dtarget, d/dweight) as differentiable functions of the inputs and d_loss: backward under
-    create_graph=True and torch.func. Forms N x C temporaries in the accumulation dtype. None where autograd
-    does not track the inputs and d_loss is not batched (then a first-order gradient of the kernels is all that
-    can be asked for)."""
-    from .fallback.cross_entropy import differentiable_row_losses
-
-    inputs = [t for t, need in zip((logits, target, weight), needs) if need]
-
-    def rows_of(*needed):
-        given = iter(needed)
-        args = [next(given) if need else t for t, need in zip((logits, target, weight), needs)]
-        return differentiable_row_losses(*args, scalars, opts)
-
-    # torch.func.vjp, not torch.autograd.grad: inside a torch.func transform (jacrev of jacrev) autograd.grad does
-    # not see the graph of the transform's level and its gradient would be a silent 0
-    with torch.enable_grad(), _backend.no_autocast(logits):
-        rows, pullback = torch.func.vjp(rows_of, *inputs)
-        if not rows.requires_grad and not batched:  # autograd tracks nothing (torch.func.vjp's function, later)
-            return None
-        grads = iter(pullback(d_loss.expand_as(rows)))
-    return tuple(next(grads) if need else None for need in needs)
+__all__ = ["CrossEntropyFunction", "CrossEntropyLoss", "CrossEntropyOptions", "cross_entropy"]
 
 
 def _unwrapped(tensor):
@@ -289,8 +167,6 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         if not in_transform and _check_targets(flat_target):  # under vmap: checked per entry by the vmap rule
             _check_target_range(flat_target, n_classes, opts.ignore_index)
     if _backend.through_registered_ops():
-        from . import _ops
-
         loss = _ops.cross_entropy(logits, flat_target, weight, opts)
     else:
         # the logits are kept beyond reduction='none' where backward needs them: gradients of probability
