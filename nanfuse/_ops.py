@@ -36,23 +36,26 @@ from ._softmax_impl import rows_forward as softmax_rows_forward
 # ---------------------------------------------------------------- cross-entropy
 
 
-def _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
-    return CrossEntropyOptions(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, False)
+def _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalize_by=1.0):
+    return CrossEntropyOptions(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, False,
+                               normalize_by)
 
 
 @torch.library.custom_op("nanfuse::cross_entropy", mutates_args=())
 def _cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
                    label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float,
-                   compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, gradient for mean/sum or an empty tensor, row statistics, normalisers) of (N, C) logits."""
-    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
-    loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad)
+                   normalize_by: float, divisor: Tensor | None, compute_grad: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, gradient for mean/sum or an empty tensor, row statistics, normalisers) of (N, C) logits; the
+    loss divided by normalize_by and by the 0-dim `divisor` when given."""
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalize_by)
+    loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad, divisor)
     return loss, logits.new_empty(0) if grad is None else grad, stats, scalars
 
 
 @_cross_entropy.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
-      compute_grad):
+      normalize_by, divisor, compute_grad):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = logits.new_empty(logits.shape[:1] if reduction == "none" else (), dtype=acc)
     has_grad = compute_grad and writes_grad_in_forward(logits, _options(ignore_index, reduction, 0.0, 0.0, None, 1.0))
@@ -62,7 +65,7 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    logits, target, weight, *options, _ = inputs
+    logits, target, weight, *options, _, _ = inputs
     _, grad, stats, scalars = output
     ctx.mark_non_differentiable(grad, stats, scalars)
     ctx.opts = _options(*options)
@@ -88,7 +91,7 @@ def _cross_entropy_backward(ctx, d_loss, *_):
                                                          ctx.needs_input_grad[2])
         d_target = d_target if ctx.needs_input_grad[1] else None
         d_weight = d_weight if ctx.needs_input_grad[2] else None
-    return (d_logits, d_target, d_weight) + (None,) * 7
+    return (d_logits, d_target, d_weight) + (None,) * 9
 
 
 _cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
@@ -137,11 +140,11 @@ def _(logits, target, weight, scalars, d_loss, label_smoothing, softcap, logit_s
             torch.empty_like(weight) if need_weight else logits.new_empty(0))
 
 
-def cross_entropy(logits, target, weight, opts):
+def cross_entropy(logits, target, weight, opts, divisor=None):
     """The op's loss for (N, C) logits; what nanfuse.cross_entropy calls under torch.compile."""
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     return _cross_entropy(logits, target, weight, opts.ignore_index, opts.reduction, opts.label_smoothing,
-                          opts.z_loss, opts.softcap, opts.logit_scale, compute_grad)[0]
+                          opts.z_loss, opts.softcap, opts.logit_scale, opts.normalize_by, divisor, compute_grad)[0]
 
 
 # ---------------------------------------------------------------- softmax

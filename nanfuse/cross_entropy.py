@@ -8,6 +8,8 @@ rounding (see writes_grad_in_forward). No N x C softmax or fp32 copy is ever kep
 finite loss and gradient.
 """
 
+import dataclasses
+import math
 import os
 
 import torch
@@ -50,8 +52,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(logits, target, weight, opts, compute_grad, keep_logits):
-        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad)
+    def forward(logits, target, weight, opts, compute_grad, keep_logits, divisor=None):
+        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad, divisor)
         if grad is not None and opts.inplace_backward:
             # the logits now hold the gradient: any op that saved them must fail loudly in backward
             torch.autograd.graph.increment_version(logits)
@@ -59,7 +61,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, weight, opts, compute_grad, keep_logits = inputs
+        logits, target, weight, opts, compute_grad, keep_logits, _ = inputs
         _, grad, stats, scalars = output
         ctx.mark_non_differentiable(grad, stats, scalars)
         ctx.opts, ctx.backward_done = opts, False
@@ -80,11 +82,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         if torch.is_grad_enabled() or batched:  # create_graph=True, or torch.func: the gradient must be differentiable
             if logits is None or saved_grad is logits:
                 if batched and not torch.is_grad_enabled():  # the gradient written in forward, times each factor
-                    return saved_grad * d_loss, None, None, None, None, None
+                    return saved_grad * d_loss, None, None, None, None, None, None
                 raise RuntimeError(_NO_DOUBLE_BACKWARD.format(opts.reduction))
             grads = differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs, batched)
             if grads is not None:
-                return grads + (None,) * 3
+                return grads + (None,) * 4
             # the kernels take plain tensors, not torch.func's wrappers of a transform that has ended
             saved_grad, logits, target, weight, scalars, stats, d_loss = (
                 _unwrapped(t) for t in (saved_grad, logits, target, weight, scalars, stats, d_loss))
@@ -105,10 +107,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         d_target = d_weight = None
         if needs[1] or needs[2]:
             d_target, d_weight = input_grads(logits, target, weight, scalars, opts, d_loss, needs)
-        return d_logits, d_target, d_weight, None, None, None
+        return d_logits, d_target, d_weight, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, logits, target, weight, opts, compute_grad, keep_logits):
+    def vmap(info, in_dims, logits, target, weight, opts, compute_grad, keep_logits, divisor=None):
         """torch.vmap: one call per batch entry (a per-sample loss), stacked."""
         def entry(tensor, dim, b):
             return tensor if dim is None or tensor is None else tensor.select(dim, b)
@@ -116,23 +118,35 @@ class CrossEntropyFunction(torch.autograd.Function):
         if not target.is_floating_point() and _check_targets(target):
             _check_target_range(target, logits.shape[-1], opts.ignore_index)
         outputs = [CrossEntropyFunction.apply(*(entry(t, d, b) for t, d in zip((logits, target, weight), in_dims)),
-                                              opts, compute_grad, keep_logits) for b in range(info.batch_size)]
+                                              opts, compute_grad, keep_logits, entry(divisor, in_dims[6], b))
+                   for b in range(info.batch_size)]
         return tuple(torch.stack(column) for column in zip(*outputs)), (0, 0, 0, 0)
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-                  z_loss=0.0, softcap=None, logit_scale=1.0, inplace_backward=False):
+                  z_loss=0.0, softcap=None, logit_scale=1.0, inplace_backward=False, normalize_by=None):
     """Cross-entropy of logits `input` (class dim 1) against class indices or class probabilities.
 
     Same arguments and results as torch.nn.functional.cross_entropy, plus `logit_scale` (logits are
     multiplied by it), `softcap` (then softcap * tanh(x / softcap)), `z_loss` (adds z_loss * lse**2 per
-    non-ignored row, unweighted) and `inplace_backward` (the gradient overwrites `input`). The loss is
-    fp32 (fp64 for fp64 input); an empty or fully ignored batch gives 0.0, not NaN.
+    non-ignored row, unweighted), `inplace_backward` (the gradient overwrites `input`) and `normalize_by`
+    (a nonzero number or a 0-dim tensor, not differentiated: the result is divided by it, folded into
+    forward so that loss.backward() needs no pass of its own; e.g. transformers' num_items_in_batch with
+    reduction='sum', or the number of accumulation steps). The loss is fp32 (fp64 for fp64 input); an empty
+    or fully ignored batch gives 0.0, not NaN.
     Cost: one read of the logits, plus one write of the gradient when `input` requires grad.
     """
-    opts = CrossEntropyOptions(check_ignore_index(ignore_index), reduction, float(label_smoothing), float(z_loss),
-                               None if softcap is None else float(softcap), float(logit_scale),
-                               bool(inplace_backward))
+    if (weight is None and softcap is None and normalize_by is None and reduction == "mean" and inplace_backward is False
+            and _is_number(ignore_index, -100) and _is_number(label_smoothing, 0) and _is_number(z_loss, 0)
+            and _is_number(logit_scale, 1)):  # the common case: no option to convert or check
+        opts = _DEFAULT_OPTIONS
+    else:
+        opts = CrossEntropyOptions(check_ignore_index(ignore_index), reduction, float(label_smoothing),
+                                   float(z_loss), None if softcap is None else float(softcap), float(logit_scale),
+                                   bool(inplace_backward))
+    divisor = None
+    if normalize_by is not None:
+        opts, divisor = _with_normalize_by(opts, normalize_by, input)
     grad_enabled = torch.is_grad_enabled()
     compute_grad = grad_enabled and input.requires_grad if isinstance(input, torch.Tensor) else False
     check_cross_entropy_args(input, target, weight, opts, compute_grad, grad_enabled)
@@ -167,16 +181,40 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         if not in_transform and _check_targets(flat_target):  # under vmap: checked per entry by the vmap rule
             _check_target_range(flat_target, n_classes, opts.ignore_index)
     if _backend.through_registered_ops():
-        loss = _ops.cross_entropy(logits, flat_target, weight, opts)
+        loss = _ops.cross_entropy(logits, flat_target, weight, opts, divisor)
     else:
         # the logits are kept beyond reduction='none' where backward needs them: gradients of probability
         # targets or weights, and torch.func transforms (whose backward must itself be differentiable)
         keep_logits = grad_enabled and (flat_target.requires_grad or (weight is not None and weight.requires_grad)
                                         or in_transform)
-        loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts, compute_grad, keep_logits)[0]
+        loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts, compute_grad, keep_logits, divisor)[0]
     if reduction == "none":  # one loss per position: (), (N,) or (N, d1, ...)
         return loss.reshape(out_shape)
     return loss
+
+
+_DEFAULT_OPTIONS = CrossEntropyOptions()
+
+
+def _is_number(value, default):
+    return type(value) in (int, float) and value == default
+
+
+def _with_normalize_by(opts, normalize_by, input):
+    """(opts with a number normalize_by folded in, or the 0-dim tensor to divide by on input's device); a
+    ValueError names a bad one. A tensor is used as is (not read: no sync) and not differentiated."""
+    if isinstance(normalize_by, torch.Tensor):
+        if normalize_by.numel() != 1 or normalize_by.dim() > 1 or normalize_by.is_complex():
+            raise ValueError("normalize_by must be a nonzero number or a 0-dim real tensor, got a tensor of shape "
+                             f"{tuple(normalize_by.shape)} and dtype {normalize_by.dtype}")
+        divisor = normalize_by.detach().reshape(())
+        if isinstance(input, torch.Tensor) and divisor.device != input.device:
+            divisor = divisor.to(input.device, non_blocking=True)
+        return opts, divisor
+    if isinstance(normalize_by, bool) or not isinstance(normalize_by, (int, float)) or normalize_by == 0 or not (
+            -math.inf < normalize_by < math.inf):
+        raise ValueError(f"normalize_by must be a nonzero finite number or a 0-dim tensor, got {normalize_by!r}")
+    return dataclasses.replace(opts, normalize_by=float(normalize_by)), None
 
 
 def _check_targets(target):
