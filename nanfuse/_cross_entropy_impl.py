@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from . import _backend
+from .fallback import cross_entropy as fallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +36,7 @@ def implementation(logits):
         from .kernels import cross_entropy
 
         return cross_entropy
-    from .fallback import cross_entropy
-
-    return cross_entropy
+    return fallback
 
 
 def accumulation_dtype(logits):
@@ -134,9 +133,30 @@ def forward_rows(logits, target, weight, scalars, opts, grad=None):
         return implementation(logits).cross_entropy_forward(logits, target, weight, scalars, opts, grad)
 
 
+def takes_plain_path(logits, target, weight, opts, divisor):
+    """True for the common case on CPU: fp32 logits, class indices, reduction='mean' and no option; then forward
+    checks the targets' range itself (two host reads) and, where all are in [0, C), takes a path of a few ops."""
+    return (opts is DEFAULT_OPTIONS and weight is None and divisor is None and logits.dtype == torch.float32
+            and target.dim() == 1 and not _backend.uses_triton(logits) and _backend.may_read_values(target))
+
+
+def check_target_range(target, n_classes, ignore_index):
+    """ValueError for a class index outside [0, C) that is not ignore_index (reads the values: one sync on GPU)."""
+    bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
+    if bad.any():
+        value = target[bad][0].item()  # CPU, or the NANFUSE_CHECK_TARGETS=1 opt-in
+        raise ValueError(f"target contains class index {value}, outside [0, {n_classes}) and not "
+                         f"ignore_index={ignore_index}")
+
+
 def forward_pass(logits, target, weight, opts, compute_grad, divisor=None):
     """(loss, gradient or None, row statistics, normalisers): the forward of the autograd Function and the
     registered op. The gradient is written only where writes_grad_in_forward and compute_grad say so."""
+    if takes_plain_path(logits, target, weight, opts, divisor) and not _backend.through_registered_ops():
+        plain = fallback.plain_mean_forward(logits, target, compute_grad)
+        if plain is not None:  # row statistics and normalisers: only backward's recomputation needs them
+            return plain[0], plain[1], logits.new_empty(0), logits.new_empty(0)
+        check_target_range(target, logits.shape[1], opts.ignore_index)
     with _backend.no_autocast(logits):
         scalars = normalizers(logits, target, weight, opts, divisor)
         grad = None
@@ -151,9 +171,7 @@ def scale_grad(grad, factor, in_place):
     path works in place when asked (and then moves nothing for a factor of 1, read on the device by a few
     programs); the PyTorch path works out of place (and returns `grad` itself for a factor of 1 on CPU)."""
     if not _backend.uses_triton(grad):
-        from .fallback.cross_entropy import scale_grad as scaled
-
-        return scaled(grad, factor)
+        return fallback.scale_grad(grad, factor)
     from .kernels import cross_entropy, scale
 
     out = grad if in_place else torch.empty_like(grad, memory_format=torch.contiguous_format)
@@ -175,10 +193,8 @@ def rows_backward(logits, target, weight, scalars, stats, grad_output, opts):
 
 def input_grads(logits, target, weight, scalars, opts, d_loss, needs):
     """(d/dtarget, d/dweight) for probability targets, each None unless `needs` asks for it (PyTorch ops)."""
-    from .fallback.cross_entropy import probability_target_grads
-
     row_factor = d_loss * scalars[0].to(d_loss.dtype)  # (N,) for reduction='none' (normaliser 1), else 0-dim
-    return probability_target_grads(logits, target, weight, opts, row_factor, needs[1], needs[2])
+    return fallback.probability_target_grads(logits, target, weight, opts, row_factor, needs[1], needs[2])
 
 
 def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs, batched=False):
@@ -186,14 +202,12 @@ def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs
     create_graph=True and torch.func. Forms N x C temporaries in the accumulation dtype. None where autograd
     does not track the inputs and d_loss is not batched (then a first-order gradient of the kernels is all that
     can be asked for)."""
-    from .fallback.cross_entropy import differentiable_row_losses
-
     inputs = [t for t, need in zip((logits, target, weight), needs) if need]
 
     def rows_of(*needed):
         given = iter(needed)
         args = [next(given) if need else t for t, need in zip((logits, target, weight), needs)]
-        return differentiable_row_losses(*args, scalars, opts)
+        return fallback.differentiable_row_losses(*args, scalars, opts)
 
     # torch.func.vjp, not torch.autograd.grad: inside a torch.func transform (jacrev of jacrev) autograd.grad does
     # not see the graph of the transform's level and its gradient would be a silent 0

@@ -68,6 +68,7 @@ def _cross_entropy_setup(ctx, inputs, output):
     logits, target, weight, *options, _, _ = inputs
     _, grad, stats, scalars = output
     ctx.mark_non_differentiable(grad, stats, scalars)
+    ctx.set_materialize_grads(False)  # else backward gets an N x C zeros for the gradient output
     ctx.opts = _options(*options)
     writes_grad = writes_grad_in_forward(logits, ctx.opts)
     keep_logits = not writes_grad or target.requires_grad or (weight is not None and weight.requires_grad)
@@ -76,6 +77,8 @@ def _cross_entropy_setup(ctx, inputs, output):
 
 
 def _cross_entropy_backward(ctx, d_loss, *_):
+    if d_loss is None:  # grads are not materialised: nothing flowed into the loss
+        return (None,) * 12
     grad, logits, target, weight, scalars, stats = ctx.saved_tensors
     o = ctx.opts
     d_logits = d_target = d_weight = None

@@ -18,12 +18,15 @@ from torch import nn
 from . import _backend, _ops
 from ._checks import check_cross_entropy_args, check_ignore_index
 from ._cross_entropy_impl import (
+    DEFAULT_OPTIONS,
     CrossEntropyOptions,
+    check_target_range,
     differentiable_backward,
     forward_pass,
     input_grads,
     rows_backward,
     scale_grad,
+    takes_plain_path,
     writes_grad_in_forward,
 )
 
@@ -64,6 +67,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, target, weight, opts, compute_grad, keep_logits, _ = inputs
         _, grad, stats, scalars = output
         ctx.mark_non_differentiable(grad, stats, scalars)
+        # autograd would otherwise fill a zero gradient for each of those outputs: an N x C zeros in backward
+        ctx.set_materialize_grads(False)
         ctx.opts, ctx.backward_done = opts, False
         saved_grad = None
         if compute_grad and writes_grad_in_forward(logits, opts):
@@ -73,6 +78,8 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_loss, *_):
+        if d_loss is None:  # grads are not materialised: nothing flowed into the loss
+            return (None,) * 7
         opts = ctx.opts
         saved_grad, logits, target, weight, scalars, stats = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
@@ -116,7 +123,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             return tensor if dim is None or tensor is None else tensor.select(dim, b)
 
         if not target.is_floating_point() and _check_targets(target):
-            _check_target_range(target, logits.shape[-1], opts.ignore_index)
+            check_target_range(target, logits.shape[-1], opts.ignore_index)
         outputs = [CrossEntropyFunction.apply(*(entry(t, d, b) for t, d in zip((logits, target, weight), in_dims)),
                                               opts, compute_grad, keep_logits, entry(divisor, in_dims[6], b))
                    for b in range(info.batch_size)]
@@ -136,10 +143,13 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     or fully ignored batch gives 0.0, not NaN.
     Cost: one read of the logits, plus one write of the gradient when `input` requires grad.
     """
-    if (weight is None and softcap is None and normalize_by is None and reduction == "mean" and inplace_backward is False
-            and _is_number(ignore_index, -100) and _is_number(label_smoothing, 0) and _is_number(z_loss, 0)
-            and _is_number(logit_scale, 1)):  # the common case: no option to convert or check
-        opts = _DEFAULT_OPTIONS
+    no_options = (weight is None and softcap is None and normalize_by is None and reduction == "mean"
+                  and inplace_backward is False and _is_number(ignore_index, -100)
+                  and _is_number(label_smoothing, 0) and _is_number(z_loss, 0) and _is_number(logit_scale, 1))
+    if no_options and (plain := _plain_call(input, target)) is not None:
+        return plain
+    if no_options:  # nothing to convert or check
+        opts = DEFAULT_OPTIONS
     else:
         opts = CrossEntropyOptions(check_ignore_index(ignore_index), reduction, float(label_smoothing),
                                    float(z_loss), None if softcap is None else float(softcap), float(logit_scale),
@@ -178,8 +188,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                          "pass inplace_backward=False")
     if not prob_target:
         flat_target = flat_target.long().contiguous()  # the kernels read one index per row, densely
-        if not in_transform and _check_targets(flat_target):  # under vmap: checked per entry by the vmap rule
-            _check_target_range(flat_target, n_classes, opts.ignore_index)
+        # under vmap: checked per entry by the vmap rule; on the plain path: by forward
+        if not in_transform and _check_targets(flat_target) and not (
+                not _backend.through_registered_ops() and takes_plain_path(logits, flat_target, weight, opts, divisor)):
+            check_target_range(flat_target, n_classes, opts.ignore_index)
     if _backend.through_registered_ops():
         loss = _ops.cross_entropy(logits, flat_target, weight, opts, divisor)
     else:
@@ -187,13 +199,44 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         # targets or weights, and torch.func transforms (whose backward must itself be differentiable)
         keep_logits = grad_enabled and (flat_target.requires_grad or (weight is not None and weight.requires_grad)
                                         or in_transform)
-        loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts, compute_grad, keep_logits, divisor)[0]
+        apply = CrossEntropyFunction.apply if in_transform else _apply_without_binding
+        loss = apply(logits, flat_target, weight, opts, compute_grad, keep_logits, divisor)[0]
     if reduction == "none":  # one loss per position: (), (N,) or (N, d1, ...)
         return loss.reshape(out_shape)
     return loss
 
 
-_DEFAULT_OPTIONS = CrossEntropyOptions()
+# Function.apply binds its arguments to forward's signature (inspect.signature, ~0.1 ms on a small CPU call) for
+# torch.func's sake; outside a transform it then calls this, which every argument given positionally makes safe
+_apply_without_binding = super(torch.autograd.Function, CrossEntropyFunction).apply
+
+
+# At most this many fp32 logits on CPU, the common case is PyTorch's own log_softmax + nll_loss: the same math as
+# the fallback's (every target in [0, C), none ignored, so the same results up to fp32 rounding), in C++, where on
+# so few logits nanfuse's Python costs more than the passes over memory it saves (`nanfuse bench --only overhead`).
+# Beyond it the fallback runs, which writes the gradient in forward.
+SMALL_CPU_LOGITS = 1 << 16
+
+
+def _plain_call(input, target):
+    """The loss of the common case, or None where this is not it: fp32 (N, C) CPU logits on the PyTorch path
+    against int64 class indices, eagerly. The keyword options are for the caller to check. Skips the general
+    argument handling: only what this case needs is checked, and forward checks the targets' range."""
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.dtype is torch.float32
+            and target.dtype is torch.int64 and input.dim() == 2 and target.dim() == 1 and input.is_cpu
+            and target.is_cpu and input.layout is torch.strided and input.shape[0] == target.shape[0]
+            and input.shape[1] and input.stride(1) == 1 and target.stride(0) == 1):
+        return None
+    if (_backend.uses_triton(input) or _backend.through_registered_ops()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return None
+    if input.numel() <= SMALL_CPU_LOGITS and input.shape[0]:
+        low, high = torch.aminmax(target)
+        if low.item() >= 0 and high.item() < input.shape[1]:  # CPU: reading them is free
+            return nn.functional.cross_entropy(input, target)
+        return None  # ignored rows or a bad index: the general path
+    compute_grad = input.requires_grad and torch.is_grad_enabled()
+    return _apply_without_binding(input, target, None, DEFAULT_OPTIONS, compute_grad, False, None)[0]
 
 
 def _is_number(value, default):
@@ -220,15 +263,6 @@ def _with_normalize_by(opts, normalize_by, input):
 def _check_targets(target):
     """Whether class indices are range-checked: where reading them is free (CPU), or on request (one sync)."""
     return _backend.may_read_values(target) or os.environ.get("NANFUSE_CHECK_TARGETS") == "1"
-
-
-def _check_target_range(target, n_classes, ignore_index):
-    """ValueError for a class index outside [0, C) that is not ignore_index (reads the values: one sync on GPU)."""
-    bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
-    if bad.any():
-        value = target[bad][0].item()  # CPU, or the NANFUSE_CHECK_TARGETS=1 opt-in
-        raise ValueError(f"target contains class index {value}, outside [0, {n_classes}) and not "
-                         f"ignore_index={ignore_index}")
 
 
 class CrossEntropyLoss(nn.Module):

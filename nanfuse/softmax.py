@@ -68,11 +68,18 @@ class SoftmaxFunction(torch.autograd.Function):
         return SoftmaxFunction.apply(rows, log).reshape(batched.shape), 0
 
 
+# Function.apply binds its arguments to forward's signature (inspect.signature) for torch.func's sake, a cost
+# that matters on small calls; outside a transform it then calls this, which needs every argument positionally
+_apply_without_binding = super(torch.autograd.Function, SoftmaxFunction).apply
+
+
 def _rows(x, log):
     if _backend.through_registered_ops():
         # chosen here, where torch.compile guards on the backend, and kept for backward (another thread on CUDA)
         return _ops.softmax(x, log, _backend.uses_triton(x))
-    return SoftmaxFunction.apply(x, log)
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: apply binds for its rules
+        return SoftmaxFunction.apply(x, log)
+    return _apply_without_binding(x, log)
 
 
 def _checked_dim(input, dim):
