@@ -111,14 +111,14 @@ def _direct_norms(grads, norm_type, acc):
     return flat, owner, owner[suspect].unique().tolist()
 
 
-def piece_pairs(grads, norm_type, acc):
+def piece_pairs(grads, norm_type, acc, direct=None):
     """(scales (K,) fp64, sums (K,) fp64, NaN count, Inf count) over the finite values of gradients on one
     device, as K pieces: whole tensors on the scaled path (its sums are fp64), runs of at most ROW elements
-    on the direct one (which accumulates in acc)."""
+    on the direct one (which accumulates in acc; `direct`: _direct_norms's result where already formed)."""
     if not may_read_values(grads[0]):
         scales, sums, nans, infs = _robust_pairs(grads, norm_type, acc)
         return torch.stack(scales), torch.stack(sums), torch.stack(nans).sum(), torch.stack(infs).sum()
-    scales, owner, suspects = _direct_norms(grads, norm_type, acc)  # CPU, eager: reading is free
+    scales, owner, suspects = direct or _direct_norms(grads, norm_type, acc)  # CPU, eager: reading is free
     sums = torch.ones_like(scales)  # a direct norm n is the pair (n, 1)
     if not suspects:
         return scales, sums, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
@@ -136,10 +136,32 @@ def grad_norm(grads, max_norm, norm_type):
     grads = [g for g in grads if g.numel()]
     if not grads:
         return finish(torch.zeros((), dtype=torch.float64), torch.zeros(2, dtype=torch.int64), max_norm, dtype)
-    scales, sums, nans, infs = piece_pairs(grads, norm_type, dtype)
+    direct = None
+    if may_read_values(grads[0]):  # CPU, eager: the pieces' norms are read, and combined on the host if they can be
+        direct = _direct_norms(grads, norm_type, dtype)
+        if not direct[2] and (host := _host_result(direct[0], max_norm, norm_type, dtype)) is not None:
+            return host
+    scales, sums, nans, infs = piece_pairs(grads, norm_type, dtype, direct)
     scale, total = combine_pairs(scales, sums, norm_type)
     return finish(pair_norm(scale, total, norm_type), torch.stack([nans, infs]), max_norm, dtype,
                   pair_log2(scale, total, norm_type))
+
+
+def _host_result(norms, max_norm, norm_type, dtype):
+    """grad_norm's result from the pieces' fp64 norms (all finite, none suspect) read into Python and combined
+    there as combine_pairs and finish do (the largest, and the others' p-th powers relative to it), three small
+    tensors made in all; None where the norm would leave fp64's range (the tensor path saturates it)."""
+    values = norms.tolist()
+    top = max(values)
+    if norm_type == math.inf or top == 0.0:
+        finite = top
+    else:
+        finite = top * math.fsum((v / top) ** norm_type for v in values) ** (1.0 / norm_type)
+    if not finite < FP64_MAX:
+        return None
+    coef = 1.0 if max_norm is None else min(max_norm / (finite + 1e-6), 1.0)
+    result = torch.tensor([min(finite, torch.finfo(dtype).max), coef, 0.0], dtype=dtype)
+    return result, torch.tensor(finite, dtype=torch.float64), torch.zeros(2, dtype=torch.int64)
 
 
 def clip_coefficient(finite_norm, max_norm, log2_norm=None):
