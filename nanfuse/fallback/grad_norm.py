@@ -25,6 +25,7 @@ from .._backend import may_read_values
 SAFE_SUM = {torch.float32: 2.0**-100, torch.float64: 2.0**-960}
 ROW = 256  # elements per piece: PyTorch's CPU norms accumulate in order, over 256 values within 3e-6
 FP64_MAX = torch.finfo(torch.float64).max
+HOST_PIECES = 4096  # at most this many pieces' norms are checked and combined in Python floats (CPU, eager)
 
 
 def norm_dtype(grads):
@@ -101,11 +102,17 @@ def _direct_norms(grads, norm_type, acc):
     for i, g in enumerate(grads):
         if g.numel() > ROW:
             norms[i] = _row_norms(g, norm_type, acc)
-    flat = torch.cat(norms).double()
+    flat = torch.cat(norms).double() if len(norms) > 1 else norms[0].double()
+    safe = 0.0 if norm_type == math.inf else ROW * SAFE_SUM[acc]  # the max is exact; sums of p-th powers can lose
+    # tiny terms (ROW: a piece's most). Reading is free here: piece_pairs calls this only on CPU, in eager mode
+    if flat.numel() <= HOST_PIECES:  # few pieces: checked in Python, where each tensor op costs more
+        smallest = safe ** (1.0 / norm_type) if safe else 0.0  # v ** p >= safe, without overflowing v ** p
+        if all(smallest <= v < math.inf for v in flat.tolist()):
+            return flat, None, []
     suspect = ~torch.isfinite(flat)
-    if norm_type != math.inf:  # the max is exact; sums of p-th powers can lose tiny terms (ROW: a piece's most)
-        suspect |= flat.pow(norm_type) < ROW * SAFE_SUM[acc]
-    if not suspect.any():  # a host read: piece_pairs calls this only where reading is free (CPU, eager)
+    if safe:
+        suspect |= flat.pow(norm_type) < safe
+    if not suspect.any():
         return flat, None, []
     owner = torch.repeat_interleave(torch.arange(len(grads)), torch.tensor([len(n) for n in norms]))
     return flat, owner, owner[suspect].unique().tolist()
@@ -139,8 +146,10 @@ def grad_norm(grads, max_norm, norm_type):
     direct = None
     if may_read_values(grads[0]):  # CPU, eager: the pieces' norms are read, and combined on the host if they can be
         direct = _direct_norms(grads, norm_type, dtype)
-        if not direct[2] and (host := _host_result(direct[0], max_norm, norm_type, dtype)) is not None:
-            return host
+        if not direct[2] and direct[0].numel() <= HOST_PIECES:
+            host = _host_result(direct[0], max_norm, norm_type, dtype)
+            if host is not None:
+                return host
     scales, sums, nans, infs = piece_pairs(grads, norm_type, dtype, direct)
     scale, total = combine_pairs(scales, sums, norm_type)
     return finish(pair_norm(scale, total, norm_type), torch.stack([nans, infs]), max_norm, dtype,
