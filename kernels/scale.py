@@ -6,7 +6,7 @@ not one program per block of the gradient."""
 import triton
 import triton.language as tl
 
-from .common import Launch, warps_for_block
+from .common import Launch, cdiv, next_power_of_2, warps_for_block
 
 BLOCK_SIZE = 4096
 PROGRAMS_PER_SM = 4
@@ -47,10 +47,8 @@ def plan_scale(x, out, factor, n_sms):
     n_rows, n_cols = x.shape
     if not n_rows or not n_cols:
         return []
-    block_size = BLOCK_SIZE
-    while block_size > 16 and block_size // 2 >= n_cols:  # the next power of two of n_cols, in [16, BLOCK_SIZE]
-        block_size //= 2
-    blocks_per_row = -(-n_cols // block_size)
+    block_size = min(BLOCK_SIZE, max(16, next_power_of_2(n_cols)))
+    blocks_per_row = cdiv(n_cols, block_size)
     total_blocks = n_rows * blocks_per_row
     return [Launch(scale_kernel, (min(total_blocks, PROGRAMS_PER_SM * n_sms),), dict(
         x_ptr=x, out_ptr=out, factor_ptr=factor, n_cols=n_cols, x_row_stride=x.stride(0),
