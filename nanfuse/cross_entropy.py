@@ -227,7 +227,7 @@ def _plain_call(input, target):
             and target.is_cpu and input.layout is torch.strided and input.shape[0] == target.shape[0]
             and input.shape[1] and input.stride(1) == 1 and target.stride(0) == 1):
         return None
-    if (_backend.uses_triton(input) or _backend.through_registered_ops()
+    if (_backend.uses_triton(input) or _backend.through_registered_ops() or not _backend.may_read_values(target)
             or torch._C._functorch.peek_interpreter_stack() is not None):
         return None
     if input.numel() <= SMALL_CPU_LOGITS and input.shape[0]:
