@@ -43,12 +43,14 @@ def accumulation_dtype(logits):
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def normalizers(logits, target, weight, opts, divisor=None):
+def normalizers(logits, target, weight, opts, divisor=None, n_classes=None):
     """[ce_norm, z_norm, weight_sum] on the device, in the accumulation dtype: the reduction's normalisers
     (1 / valid weight and 1 / valid rows for mean, each 0 for a zero total; 1 otherwise), both divided by
-    opts.normalize_by and the 0-dim tensor `divisor`. Triton: one one-program launch. CPU: read on the host
-    (free there), one small tensor made. Elsewhere: PyTorch ops, no sync."""
-    n_rows, n_classes = logits.shape
+    opts.normalize_by and the 0-dim tensor `divisor`, for all rows of `target`. `logits` gives the dtype, the
+    device and the path: the whole (N, C) logits, or one chunk of them with `n_classes` given (a caller that
+    never forms the whole). Triton: one one-program launch. CPU: read on the host (free there), one small tensor
+    made. Elsewhere: PyTorch ops, no sync."""
+    n_rows, n_classes = target.shape[0], logits.shape[1] if n_classes is None else n_classes
     dtype = accumulation_dtype(logits)
     mean = opts.reduction == "mean"
     if _backend.uses_triton(logits):
