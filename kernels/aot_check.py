@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from . import cross_entropy, grad_norm, sanitize, scale, softmax
+from . import cross_entropy, grad_norm, normalizers, sanitize, scale, softmax
 
 # compute capability -> multiprocessors of the flagship card (A100, H100 SXM), for the launchers' grids
 ARCHS = {80: 108, 90: 132}
@@ -160,7 +160,7 @@ def shipped_launches(n_sms):
         grad = torch.empty(64, 32_000, dtype=dtype, **meta)
         for out, label in ((grad, "in place"), (torch.empty_like(grad), "out of place")):
             launches += [(f"scale {label} {name}", launch) for launch in
-                         scale.plan_scale(grad, out, torch.empty((), **meta))]
+                         scale.plan_scale(grad, out, torch.empty((), **meta), n_sms)]
         for shape in ((32, 32, 64), (33, 7)):  # a 16-divisible batch, and an odd one
             launches += [(f"sanitize {name} {shape}", launch) for launch in sanitize.plan_sanitize(
                 torch.empty(shape, dtype=dtype, **meta), torch.empty(shape[0], dtype=torch.uint8, **meta), 0.0)]
@@ -174,6 +174,11 @@ def shipped_launches(n_sms):
                     launches += [(f"clip {name} p={norm_type}", launch) for launch in planned]
             launches += [(f"clip {name}", launch) for launch in
                          grad_norm.plan_scale(tables, torch.empty((), **meta))]
+    for weight in (None, torch.empty(128_256, **meta)):  # the normalisers: one program, whatever the dtype
+        for target in (torch.empty(8192, dtype=torch.int64, **meta), torch.empty(64, 128_256, **meta)):
+            launches.append((f"ce normalizers {tuple(target.shape)}", normalizers.plan_normalizers(
+                target, weight, torch.empty((), **meta), torch.empty(3, **meta), target.shape[0], 128_256, -100,
+                True, 1.0)))
     return launches
 
 

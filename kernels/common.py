@@ -54,6 +54,16 @@ def store_rounded(ptrs, value, mask):
         tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints in plain Python (triton.cdiv costs microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), in plain Python."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def warps_for_block(block_size: int) -> int:
     """Warps for a program that streams BLOCK_SIZE elements per step: 8 per thread, so the loop's vectors
     and accumulators fit in registers without spilling on sm_80 and sm_90 (see aot_check); the Triton

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Launch, tanh, warps_for_block
+from .common import Launch, cdiv, next_power_of_2, tanh, warps_for_block
 
 
 @triton.jit
@@ -283,13 +283,13 @@ def launch_config(n_rows: int, n_classes: int, n_sms: int, fewer_warps: bool = F
     block: at 16 warps ptxas spills those configurations on sm_90 or sm_80 (kernels/aot_check.py shows
     it), at 8 it does not.
     """
-    block_size = min(MAX_BLOCK_SIZE, max(16, triton.next_power_of_2(n_classes)))
+    block_size = min(MAX_BLOCK_SIZE, max(16, next_power_of_2(n_classes)))
     n_chunks = 1
     if n_rows < 2 * n_sms:
-        n_chunks = min(triton.cdiv(n_classes, block_size), triton.cdiv(4 * n_sms, max(n_rows, 1)))
-    chunk_size = triton.cdiv(triton.cdiv(n_classes, n_chunks), block_size) * block_size
+        n_chunks = min(cdiv(n_classes, block_size), cdiv(4 * n_sms, max(n_rows, 1)))
+    chunk_size = cdiv(cdiv(n_classes, n_chunks), block_size) * block_size
     num_warps = warps_for_block(block_size) // (2 if fewer_warps and block_size >= 2048 else 1)
-    return LaunchConfig(block_size, num_warps, triton.cdiv(n_classes, chunk_size), chunk_size)
+    return LaunchConfig(block_size, num_warps, cdiv(n_classes, chunk_size), chunk_size)
 
 
 @functools.lru_cache(maxsize=None)

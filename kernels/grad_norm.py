@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Launch, load_fp32, warps_for_block
+from .common import Launch, cdiv, load_fp32, next_power_of_2, warps_for_block
 
 BLOCK_SIZE = 4096
 NORM_INF, NORM_1, NORM_2, NORM_P = 0, 1, 2, 3
@@ -230,8 +230,8 @@ class TensorTable(NamedTuple):
 def programs_for(total_blocks: int, n_sms: int) -> tuple[int, int]:
     """(programs, blocks per program): about 4 programs per SM, each a contiguous run of blocks."""
     n_programs = max(1, min(total_blocks, 4 * n_sms))
-    per_program = triton.cdiv(total_blocks, n_programs)
-    return triton.cdiv(total_blocks, per_program), per_program
+    per_program = cdiv(total_blocks, n_programs)
+    return cdiv(total_blocks, per_program), per_program
 
 
 @functools.lru_cache(maxsize=None)
@@ -305,7 +305,7 @@ def plan_grad_norm(tables, max_norm, norm_type, kind):
         inf_count_ptr=counts[1], result_ptr=result, finite_norm_ptr=finite_norm, counts_ptr=nonfinite,
         n_partials=n_partials,
         max_norm=0.0 if max_norm is None else max_norm, norm_type=norm_type, NORM_KIND=kind,
-        CLIP=max_norm is not None, BLOCK_SIZE=min(1024, max(16, triton.next_power_of_2(n_partials)))),
+        CLIP=max_norm is not None, BLOCK_SIZE=min(1024, max(16, next_power_of_2(n_partials)))),
         8))  # at 4 warps the general-p finalize spills on sm_90 (kernels/aot_check.py)
     return launches, result, finite_norm, nonfinite
 

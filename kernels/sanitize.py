@@ -9,7 +9,7 @@ the few bad values written.
 import triton
 import triton.language as tl
 
-from .common import Launch, warps_for_block
+from .common import Launch, cdiv, warps_for_block
 
 BLOCK_SIZE = 4096
 
@@ -38,7 +38,7 @@ def plan_sanitize(x, bad_rows, fill):
     n = x.numel()
     if not n:
         return []
-    return [Launch(sanitize_kernel, (triton.cdiv(n, BLOCK_SIZE),),
+    return [Launch(sanitize_kernel, (cdiv(n, BLOCK_SIZE),),
                    dict(x_ptr=x, bad_rows_ptr=bad_rows, n_elements=n, row_len=n // x.shape[0], fill=float(fill),
                         BLOCK_SIZE=BLOCK_SIZE), warps_for_block(BLOCK_SIZE))]
 

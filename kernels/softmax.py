@@ -9,7 +9,7 @@ gradient twice and writes once.
 import triton
 import triton.language as tl
 
-from .common import Launch, load_fp32, store_rounded, warps_for_block
+from .common import Launch, load_fp32, next_power_of_2, store_rounded, warps_for_block
 
 MAX_BLOCK_SIZE = 4096
 
@@ -76,7 +76,7 @@ def softmax_backward_kernel(
 
 
 def _block(n_cols):
-    block_size = min(MAX_BLOCK_SIZE, max(16, triton.next_power_of_2(n_cols)))
+    block_size = min(MAX_BLOCK_SIZE, max(16, next_power_of_2(n_cols)))
     return block_size, warps_for_block(block_size)
 
 

@@ -17,53 +17,58 @@ import weakref
 import torch
 from torch import Tensor
 
-from . import clip
-from .cross_entropy import (
+from . import _grad_norm_impl
+from ._cross_entropy_impl import (
     CrossEntropyOptions,
-    _implementation,
     forward_pass,
+    implementation,
     input_grads,
     rows_backward,
     scale_grad,
     writes_grad_in_forward,
 )
-from .softmax import differentiable_rows_backward as softmax_differentiable_rows_backward
-from .softmax import needs_differentiable_backward as softmax_needs_differentiable_backward
-from .softmax import rows_backward as softmax_rows_backward
-from .softmax import rows_forward as softmax_rows_forward
+from ._optimizer_step import fused_step
+from ._softmax_impl import differentiable_rows_backward as softmax_differentiable_rows_backward
+from ._softmax_impl import needs_differentiable_backward as softmax_needs_differentiable_backward
+from ._softmax_impl import rows_backward as softmax_rows_backward
+from ._softmax_impl import rows_forward as softmax_rows_forward
 
 # ---------------------------------------------------------------- cross-entropy
 
 
-def _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
-    return CrossEntropyOptions(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, False)
+def _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalize_by=1.0):
+    return CrossEntropyOptions(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, False,
+                               normalize_by)
 
 
 @torch.library.custom_op("nanfuse::cross_entropy", mutates_args=())
 def _cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
                    label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float,
-                   compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, gradient for mean/sum or an empty tensor, row statistics, normalisers) of (N, C) logits."""
-    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
-    loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad)
+                   normalize_by: float, divisor: Tensor | None, compute_grad: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, gradient for mean/sum or an empty tensor, row statistics, normalisers) of (N, C) logits; the
+    loss divided by normalize_by and by the 0-dim `divisor` when given."""
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, normalize_by)
+    loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad, divisor)
     return loss, logits.new_empty(0) if grad is None else grad, stats, scalars
 
 
 @_cross_entropy.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
-      compute_grad):
+      normalize_by, divisor, compute_grad):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = logits.new_empty(logits.shape[:1] if reduction == "none" else (), dtype=acc)
     has_grad = compute_grad and writes_grad_in_forward(logits, _options(ignore_index, reduction, 0.0, 0.0, None, 1.0))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if has_grad else logits.new_empty(0)
-    stats = _implementation(logits).empty_stats(logits, target)
+    stats = implementation(logits).empty_stats(logits, target)
     return loss, grad, stats, logits.new_empty(3, dtype=acc)
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    logits, target, weight, *options, _ = inputs
+    logits, target, weight, *options, _, _ = inputs
     _, grad, stats, scalars = output
     ctx.mark_non_differentiable(grad, stats, scalars)
+    ctx.set_materialize_grads(False)  # else backward gets an N x C zeros for the gradient output
     ctx.opts = _options(*options)
     writes_grad = writes_grad_in_forward(logits, ctx.opts)
     keep_logits = not writes_grad or target.requires_grad or (weight is not None and weight.requires_grad)
@@ -72,6 +77,8 @@ def _cross_entropy_setup(ctx, inputs, output):
 
 
 def _cross_entropy_backward(ctx, d_loss, *_):
+    if d_loss is None:  # grads are not materialised: nothing flowed into the loss
+        return (None,) * 12
     grad, logits, target, weight, scalars, stats = ctx.saved_tensors
     o = ctx.opts
     d_logits = d_target = d_weight = None
@@ -87,7 +94,7 @@ def _cross_entropy_backward(ctx, d_loss, *_):
                                                          ctx.needs_input_grad[2])
         d_target = d_target if ctx.needs_input_grad[1] else None
         d_weight = d_weight if ctx.needs_input_grad[2] else None
-    return (d_logits, d_target, d_weight) + (None,) * 7
+    return (d_logits, d_target, d_weight) + (None,) * 9
 
 
 _cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
@@ -136,11 +143,11 @@ def _(logits, target, weight, scalars, d_loss, label_smoothing, softcap, logit_s
             torch.empty_like(weight) if need_weight else logits.new_empty(0))
 
 
-def cross_entropy(logits, target, weight, opts):
+def cross_entropy(logits, target, weight, opts, divisor=None):
     """The op's loss for (N, C) logits; what nanfuse.cross_entropy calls under torch.compile."""
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     return _cross_entropy(logits, target, weight, opts.ignore_index, opts.reduction, opts.label_smoothing,
-                          opts.z_loss, opts.softcap, opts.logit_scale, compute_grad)[0]
+                          opts.z_loss, opts.softcap, opts.logit_scale, opts.normalize_by, divisor, compute_grad)[0]
 
 
 # ---------------------------------------------------------------- softmax
@@ -190,7 +197,7 @@ softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 def grad_norm(grads: list[Tensor], max_norm: float | None, norm_type: float) -> tuple[Tensor, Tensor, Tensor]:
     """(result [3]: norm, clip coefficient, found_inf (fp32, fp64 if any gradient is fp64); the norm of the
     finite values, fp64; counts int64[2]: NaN, Inf)."""
-    return clip.device_norm(grads, max_norm, norm_type)[0]
+    return _grad_norm_impl.device_norm(grads, max_norm, norm_type)[0]
 
 
 @grad_norm.register_fake
@@ -204,7 +211,7 @@ def _(grads, max_norm, norm_type):
 @torch.library.custom_op("nanfuse::scale_grads_", mutates_args=("grads",))
 def scale_grads_(grads: list[Tensor], factor: Tensor) -> None:
     """Multiply gradients on one device by a 0-dim device factor in place (free when it is 1)."""
-    clip.device_scale_(grads, factor)
+    _grad_norm_impl.device_scale_(grads, factor)
 
 
 @scale_grads_.register_fake
@@ -232,8 +239,6 @@ def fused_optimizer_step(key: int, grad_scale: Tensor, found_inf: Tensor, skippe
     updates the parameters and optimizer state behind the graph's back: nothing after it in the same
     compiled region may read them (NanGuard.step ends with it).
     """
-    from .guard import fused_step
-
     fused_step(_OPTIMIZERS[key], grad_scale, found_inf)
     return skipped_steps + found_inf.to(skipped_steps.dtype)
 

@@ -9,145 +9,28 @@ finite loss and gradient.
 """
 
 import dataclasses
+import math
 import os
 
 import torch
 from torch import nn
 
-from . import _backend
+from . import _backend, _ops
 from ._checks import check_cross_entropy_args, check_ignore_index
+from ._cross_entropy_impl import (
+    DEFAULT_OPTIONS,
+    CrossEntropyOptions,
+    check_target_range,
+    differentiable_backward,
+    forward_pass,
+    input_grads,
+    rows_backward,
+    scale_grad,
+    takes_plain_path,
+    writes_grad_in_forward,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class CrossEntropyOptions:
-    ignore_index: int = -100
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: float | None = None
-    logit_scale: float = 1.0
-    inplace_backward: bool = False
-
-
-def _implementation(logits):
-    if _backend.uses_triton(logits):
-        from .kernels import cross_entropy
-
-        return cross_entropy
-    from .fallback import cross_entropy
-
-    return cross_entropy
-
-
-def _scalars(target, weight, opts, n_rows, n_classes, dtype):
-    """[ce_norm, z_norm, weight_sum] on the device: the reduction's normalisers, computed without a sync."""
-    device = target.device
-    # torch.full, not torch.tensor: a device fill, where copying a host value to a GPU would sync
-    weight_sum = weight.to(dtype).sum() if weight is not None else torch.full((), float(n_classes), device=device)
-    one = torch.ones((), dtype=dtype, device=device)
-    if opts.reduction != "mean":
-        return torch.stack([one, one, weight_sum.to(dtype)])
-    if target.dim() == 2:
-        ce_den = z_den = torch.full((), float(n_rows), dtype=dtype, device=device)
-    else:
-        valid = target != opts.ignore_index
-        z_den = valid.sum().to(dtype)
-        ce_den = z_den
-        if weight is not None:
-            in_range = torch.where((target >= 0) & (target < n_classes), target, 0)
-            ce_den = torch.where(valid, weight.to(dtype)[in_range], 0).sum()
-
-    def inverse(den):  # an empty batch, all targets ignored or a zero total weight: loss 0, not NaN
-        return torch.where(den != 0, 1.0 / den, 0.0)
-
-    return torch.stack([inverse(ce_den), inverse(z_den), weight_sum.to(dtype)])
-
-
-def writes_grad_in_forward(logits, opts):
-    """True where forward writes the gradient and backward only scales it: reduction mean/sum on fp32 logits.
-
-    fp16/bf16 logits keep the logits instead, and backward recomputes the gradient with the upstream factor
-    (loss scale, 1/k, 1/num_items) folded in before the one rounding to half precision: a gradient rounded in
-    forward and scaled after would be rounded twice (fp16: p/N underflows before a loss scale can lift it).
-    fp64 recomputes too, so that double backward and gradgradcheck work. Same memory: the logits are kept
-    where the gradient would be; one more read of them.
-    """
-    return opts.reduction != "none" and logits.dtype == torch.float32
-
-
-def forward_pass(logits, target, weight, opts, compute_grad):
-    """(loss, gradient or None, row statistics, normalisers): the forward shared by the autograd Function
-    and the registered op. The gradient is written only where writes_grad_in_forward and compute_grad say so.
-    """
-    impl = _implementation(logits)
-    n_rows, n_classes = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    with _backend.no_autocast(logits):
-        scalars = _scalars(target, weight, opts, n_rows, n_classes, acc)
-        grad = None
-        if compute_grad and writes_grad_in_forward(logits, opts):
-            grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        row_loss, stats = impl.cross_entropy_forward(logits, target, weight, scalars, opts, grad)
-    return (row_loss if opts.reduction == "none" else row_loss.sum()), grad, stats, scalars
-
-
-def scale_grad(grad, factor, in_place):
-    """The gradient forward wrote times the upstream factor, formed in fp32: one read and one write. The Triton
-    path works in place when asked (and then skips the pass for a factor of 1, read on the device); the PyTorch
-    path works out of place (and skips it then on CPU)."""
-    if not _backend.uses_triton(grad):
-        from .fallback.cross_entropy import scale_grad as scaled
-
-        return scaled(grad, factor)
-    from .kernels import scale
-
-    out = grad if in_place else torch.empty_like(grad, memory_format=torch.contiguous_format)
-    for launch in scale.plan_scale(grad, out, factor.to(torch.float32)):
-        launch.run()
-    return out
-
-
-def rows_backward(logits, target, weight, scalars, stats, grad_output, opts):
-    """The gradient recomputed from the logits and the saved row statistics, for the upstream gradient of each row
-    (reduction='none') or of the loss (mean/sum: a 0-dim grad_output, broadcast): one read, one write."""
-    grad_output = grad_output.expand(logits.shape[0])
-    grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    with _backend.no_autocast(logits):
-        _implementation(logits).cross_entropy_backward(logits, target, weight, scalars, opts, stats, grad_output,
-                                                       grad)
-    return grad
-
-
-def input_grads(logits, target, weight, scalars, opts, d_loss, needs):
-    """(d/dtarget, d/dweight) for probability targets, each None unless `needs` asks for it (PyTorch ops)."""
-    from .fallback.cross_entropy import probability_target_grads
-
-    row_factor = d_loss * scalars[0].to(d_loss.dtype)  # (N,) for reduction='none' (normaliser 1), else 0-dim
-    return probability_target_grads(logits, target, weight, opts, row_factor, needs[1], needs[2])
-
-
-def differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs, batched=False):
-    """(d/dlogits, d/dtarget, d/dweight) as differentiable functions of the inputs and d_loss: backward under
-    create_graph=True and torch.func. Forms N x C temporaries in the accumulation dtype. None where autograd
-    does not track the inputs and d_loss is not batched (then a first-order gradient of the kernels is all that
-    can be asked for)."""
-    from .fallback.cross_entropy import differentiable_row_losses
-
-    inputs = [t for t, need in zip((logits, target, weight), needs) if need]
-
-    def rows_of(*needed):
-        given = iter(needed)
-        args = [next(given) if need else t for t, need in zip((logits, target, weight), needs)]
-        return differentiable_row_losses(*args, scalars, opts)
-
-    # torch.func.vjp, not torch.autograd.grad: inside a torch.func transform (jacrev of jacrev) autograd.grad does
-    # not see the graph of the transform's level and its gradient would be a silent 0
-    with torch.enable_grad(), _backend.no_autocast(logits):
-        rows, pullback = torch.func.vjp(rows_of, *inputs)
-        if not rows.requires_grad and not batched:  # autograd tracks nothing (torch.func.vjp's function, later)
-            return None
-        grads = iter(pullback(d_loss.expand_as(rows)))
-    return tuple(next(grads) if need else None for need in needs)
+__all__ = ["CrossEntropyFunction", "CrossEntropyLoss", "CrossEntropyOptions", "cross_entropy"]
 
 
 def _unwrapped(tensor):
@@ -172,8 +55,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(logits, target, weight, opts, compute_grad, keep_logits):
-        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad)
+    def forward(logits, target, weight, opts, compute_grad, keep_logits, divisor=None):
+        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad, divisor)
         if grad is not None and opts.inplace_backward:
             # the logits now hold the gradient: any op that saved them must fail loudly in backward
             torch.autograd.graph.increment_version(logits)
@@ -181,9 +64,11 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, weight, opts, compute_grad, keep_logits = inputs
+        logits, target, weight, opts, compute_grad, keep_logits, _ = inputs
         _, grad, stats, scalars = output
         ctx.mark_non_differentiable(grad, stats, scalars)
+        # autograd would otherwise fill a zero gradient for each of those outputs: an N x C zeros in backward
+        ctx.set_materialize_grads(False)
         ctx.opts, ctx.backward_done = opts, False
         saved_grad = None
         if compute_grad and writes_grad_in_forward(logits, opts):
@@ -193,6 +78,8 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_loss, *_):
+        if d_loss is None:  # grads are not materialised: nothing flowed into the loss
+            return (None,) * 7
         opts = ctx.opts
         saved_grad, logits, target, weight, scalars, stats = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
@@ -202,11 +89,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         if torch.is_grad_enabled() or batched:  # create_graph=True, or torch.func: the gradient must be differentiable
             if logits is None or saved_grad is logits:
                 if batched and not torch.is_grad_enabled():  # the gradient written in forward, times each factor
-                    return saved_grad * d_loss, None, None, None, None, None
+                    return saved_grad * d_loss, None, None, None, None, None, None
                 raise RuntimeError(_NO_DOUBLE_BACKWARD.format(opts.reduction))
             grads = differentiable_backward(logits, target, weight, scalars, opts, d_loss, needs, batched)
             if grads is not None:
-                return grads + (None,) * 3
+                return grads + (None,) * 4
             # the kernels take plain tensors, not torch.func's wrappers of a transform that has ended
             saved_grad, logits, target, weight, scalars, stats, d_loss = (
                 _unwrapped(t) for t in (saved_grad, logits, target, weight, scalars, stats, d_loss))
@@ -227,34 +114,49 @@ class CrossEntropyFunction(torch.autograd.Function):
         d_target = d_weight = None
         if needs[1] or needs[2]:
             d_target, d_weight = input_grads(logits, target, weight, scalars, opts, d_loss, needs)
-        return d_logits, d_target, d_weight, None, None, None
+        return d_logits, d_target, d_weight, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, logits, target, weight, opts, compute_grad, keep_logits):
+    def vmap(info, in_dims, logits, target, weight, opts, compute_grad, keep_logits, divisor=None):
         """torch.vmap: one call per batch entry (a per-sample loss), stacked."""
         def entry(tensor, dim, b):
             return tensor if dim is None or tensor is None else tensor.select(dim, b)
 
         if not target.is_floating_point() and _check_targets(target):
-            _check_target_range(target, logits.shape[-1], opts.ignore_index)
+            check_target_range(target, logits.shape[-1], opts.ignore_index)
         outputs = [CrossEntropyFunction.apply(*(entry(t, d, b) for t, d in zip((logits, target, weight), in_dims)),
-                                              opts, compute_grad, keep_logits) for b in range(info.batch_size)]
+                                              opts, compute_grad, keep_logits, entry(divisor, in_dims[6], b))
+                   for b in range(info.batch_size)]
         return tuple(torch.stack(column) for column in zip(*outputs)), (0, 0, 0, 0)
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-                  z_loss=0.0, softcap=None, logit_scale=1.0, inplace_backward=False):
+                  z_loss=0.0, softcap=None, logit_scale=1.0, inplace_backward=False, normalize_by=None):
     """Cross-entropy of logits `input` (class dim 1) against class indices or class probabilities.
 
     Same arguments and results as torch.nn.functional.cross_entropy, plus `logit_scale` (logits are
     multiplied by it), `softcap` (then softcap * tanh(x / softcap)), `z_loss` (adds z_loss * lse**2 per
-    non-ignored row, unweighted) and `inplace_backward` (the gradient overwrites `input`). The loss is
-    fp32 (fp64 for fp64 input); an empty or fully ignored batch gives 0.0, not NaN.
+    non-ignored row, unweighted), `inplace_backward` (the gradient overwrites `input`) and `normalize_by`
+    (a nonzero number or a 0-dim tensor, not differentiated: the result is divided by it, folded into
+    forward so that loss.backward() needs no pass of its own; e.g. transformers' num_items_in_batch with
+    reduction='sum', or the number of accumulation steps). The loss is fp32 (fp64 for fp64 input); an empty
+    or fully ignored batch gives 0.0, not NaN.
     Cost: one read of the logits, plus one write of the gradient when `input` requires grad.
     """
-    opts = CrossEntropyOptions(check_ignore_index(ignore_index), reduction, float(label_smoothing), float(z_loss),
-                               None if softcap is None else float(softcap), float(logit_scale),
-                               bool(inplace_backward))
+    no_options = (weight is None and softcap is None and normalize_by is None and reduction == "mean"
+                  and inplace_backward is False and _is_number(ignore_index, -100)
+                  and _is_number(label_smoothing, 0) and _is_number(z_loss, 0) and _is_number(logit_scale, 1))
+    if no_options and (plain := _plain_call(input, target)) is not None:
+        return plain
+    if no_options:  # nothing to convert or check
+        opts = DEFAULT_OPTIONS
+    else:
+        opts = CrossEntropyOptions(check_ignore_index(ignore_index), reduction, float(label_smoothing),
+                                   float(z_loss), None if softcap is None else float(softcap), float(logit_scale),
+                                   bool(inplace_backward))
+    divisor = None
+    if normalize_by is not None:
+        opts, divisor = _with_normalize_by(opts, normalize_by, input)
     grad_enabled = torch.is_grad_enabled()
     compute_grad = grad_enabled and input.requires_grad if isinstance(input, torch.Tensor) else False
     check_cross_entropy_args(input, target, weight, opts, compute_grad, grad_enabled)
@@ -286,35 +188,81 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                          "pass inplace_backward=False")
     if not prob_target:
         flat_target = flat_target.long().contiguous()  # the kernels read one index per row, densely
-        if not in_transform and _check_targets(flat_target):  # under vmap: checked per entry by the vmap rule
-            _check_target_range(flat_target, n_classes, opts.ignore_index)
+        # under vmap: checked per entry by the vmap rule; on the plain path: by forward
+        if not in_transform and _check_targets(flat_target) and not (
+                not _backend.through_registered_ops() and takes_plain_path(logits, flat_target, weight, opts, divisor)):
+            check_target_range(flat_target, n_classes, opts.ignore_index)
     if _backend.through_registered_ops():
-        from . import _ops
-
-        loss = _ops.cross_entropy(logits, flat_target, weight, opts)
+        loss = _ops.cross_entropy(logits, flat_target, weight, opts, divisor)
     else:
         # the logits are kept beyond reduction='none' where backward needs them: gradients of probability
         # targets or weights, and torch.func transforms (whose backward must itself be differentiable)
         keep_logits = grad_enabled and (flat_target.requires_grad or (weight is not None and weight.requires_grad)
                                         or in_transform)
-        loss = CrossEntropyFunction.apply(logits, flat_target, weight, opts, compute_grad, keep_logits)[0]
+        apply = CrossEntropyFunction.apply if in_transform else _apply_without_binding
+        loss = apply(logits, flat_target, weight, opts, compute_grad, keep_logits, divisor)[0]
     if reduction == "none":  # one loss per position: (), (N,) or (N, d1, ...)
         return loss.reshape(out_shape)
     return loss
 
 
+# Function.apply binds its arguments to forward's signature (inspect.signature, ~0.1 ms on a small CPU call) for
+# torch.func's sake; outside a transform it then calls this, which every argument given positionally makes safe
+_apply_without_binding = super(torch.autograd.Function, CrossEntropyFunction).apply
+
+
+# At most this many fp32 logits on CPU, the common case is PyTorch's own log_softmax + nll_loss: the same math as
+# the fallback's (every target in [0, C), none ignored, so the same results up to fp32 rounding), in C++, where on
+# so few logits nanfuse's Python costs more than the passes over memory it saves (`nanfuse bench --only overhead`).
+# Beyond it the fallback runs, which writes the gradient in forward.
+SMALL_CPU_LOGITS = 1 << 16
+
+
+def _plain_call(input, target):
+    """The loss of the common case, or None where this is not it: fp32 (N, C) CPU logits on the PyTorch path
+    against int64 class indices, eagerly. The keyword options are for the caller to check. Skips the general
+    argument handling: only what this case needs is checked, and forward checks the targets' range."""
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.dtype is torch.float32
+            and target.dtype is torch.int64 and input.dim() == 2 and target.dim() == 1 and input.is_cpu
+            and target.is_cpu and input.layout is torch.strided and input.shape[0] == target.shape[0]
+            and input.shape[1] and input.stride(1) == 1 and target.stride(0) == 1):
+        return None
+    if (_backend.uses_triton(input) or _backend.through_registered_ops() or not _backend.may_read_values(target)
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return None
+    if input.numel() <= SMALL_CPU_LOGITS and input.shape[0]:
+        low, high = torch.aminmax(target)
+        if low.item() >= 0 and high.item() < input.shape[1]:  # CPU: reading them is free
+            return nn.functional.cross_entropy(input, target)
+        return None  # ignored rows or a bad index: the general path
+    compute_grad = input.requires_grad and torch.is_grad_enabled()
+    return _apply_without_binding(input, target, None, DEFAULT_OPTIONS, compute_grad, False, None)[0]
+
+
+def _is_number(value, default):
+    return type(value) in (int, float) and value == default
+
+
+def _with_normalize_by(opts, normalize_by, input):
+    """(opts with a number normalize_by folded in, or the 0-dim tensor to divide by on input's device); a
+    ValueError names a bad one. A tensor is used as is (not read: no sync) and not differentiated."""
+    if isinstance(normalize_by, torch.Tensor):
+        if normalize_by.numel() != 1 or normalize_by.dim() > 1 or normalize_by.is_complex():
+            raise ValueError("normalize_by must be a nonzero number or a 0-dim real tensor, got a tensor of shape "
+                             f"{tuple(normalize_by.shape)} and dtype {normalize_by.dtype}")
+        divisor = normalize_by.detach().reshape(())
+        if isinstance(input, torch.Tensor) and divisor.device != input.device:
+            divisor = divisor.to(input.device, non_blocking=True)
+        return opts, divisor
+    if isinstance(normalize_by, bool) or not isinstance(normalize_by, (int, float)) or normalize_by == 0 or not (
+            -math.inf < normalize_by < math.inf):
+        raise ValueError(f"normalize_by must be a nonzero finite number or a 0-dim tensor, got {normalize_by!r}")
+    return dataclasses.replace(opts, normalize_by=float(normalize_by)), None
+
+
 def _check_targets(target):
     """Whether class indices are range-checked: where reading them is free (CPU), or on request (one sync)."""
     return _backend.may_read_values(target) or os.environ.get("NANFUSE_CHECK_TARGETS") == "1"
-
-
-def _check_target_range(target, n_classes, ignore_index):
-    """ValueError for a class index outside [0, C) that is not ignore_index (reads the values: one sync on GPU)."""
-    bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
-    if bad.any():
-        value = target[bad][0].item()  # CPU, or the NANFUSE_CHECK_TARGETS=1 opt-in
-        raise ValueError(f"target contains class index {value}, outside [0, {n_classes}) and not "
-                         f"ignore_index={ignore_index}")
 
 
 class CrossEntropyLoss(nn.Module):

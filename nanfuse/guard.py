@@ -31,39 +31,13 @@ import weakref
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import _backend
-from .clip import GradNormReport, _gradients, _norm_kind, check_max_norm, norm_check_scale
+from . import _backend, _ops
+from ._grad_norm_impl import norm_kind
+from ._optimizer_step import fused_step
+from .clip import GradNormReport, _gradients, check_max_norm, norm_check_scale
 
 FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
 SMALLEST_FACTOR = 2.0**-100  # a fused optimizer's grad_scale is 1 / factor, in fp32: it must stay finite
-
-
-# the state entry a fused optimizer's first step creates for a parameter (Adagrad creates its state in __init__)
-_FIRST_STEP_KEY = {torch.optim.Adam: "exp_avg", torch.optim.AdamW: "exp_avg", torch.optim.SGD: "momentum_buffer"}
-
-
-def _creates_state(optimizer):
-    """True when optimizer.step() would create state for a parameter that has a gradient (its first step):
-    checked per parameter (an entry that was only read, and so exists empty, still counts as missing)."""
-    key = next((k for cls, k in _FIRST_STEP_KEY.items() if isinstance(optimizer, cls)), None)
-    stateful = [group for group in optimizer.param_groups
-                if not (isinstance(optimizer, torch.optim.SGD) and group["momentum"] == 0)]  # SGD keeps none
-    return any(p.grad is not None and (key not in optimizer.state[p] if key and p in optimizer.state
-                                       else not optimizer.state.get(p))
-               for group in stateful for p in group["params"])
-
-
-def fused_step(optimizer, grad_scale, found_inf):
-    """optimizer.step() of a PyTorch fused optimizer: it divides the gradients by `grad_scale` inside its
-    kernel and skips the update on the device where `found_inf` is 1. A step that would create state reads
-    the flag once and is not taken when it is set (PyTorch creates the state before it reads found_inf)."""
-    if _creates_state(optimizer) and bool(found_inf):  # the first step only: one host read
-        return None
-    optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
-    try:
-        return optimizer.step()
-    finally:
-        del optimizer.grad_scale, optimizer.found_inf
 
 
 def _scaler_state(scaler, optimizer):
@@ -91,6 +65,13 @@ def _count(value, key):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"state_dict[{key!r}] must be an integral number >= 0, got {value!r}")
     return value
+
+
+def _nothing_but_the_step(report):
+    """True where reading the report is free (CPU, eager) and it has every gradient finite and a coefficient of 1:
+    then a fused optimizer's step needs no grad_scale or found_inf (fewer ops, same update)."""
+    return (_backend.may_read_values(report.found_inf) and report.found_inf.item() == 0.0
+            and report.clip_coef.item() == 1.0)
 
 
 class _NonFiniteEvaluation(Exception):
@@ -121,7 +102,7 @@ class NanGuard:
             _UPDATING_GUARDS.setdefault(scaler, weakref.WeakSet()).add(self)
         self.optimizer = optimizer
         self.max_norm = check_max_norm(max_norm)
-        self.norm_type = _norm_kind(norm_type)[0]
+        self.norm_type = norm_kind(norm_type)[0]
         self.scaler = scaler
         self.process_group = process_group
         self.update_scaler = bool(update_scaler)
@@ -134,8 +115,6 @@ class NanGuard:
         self._register()
 
     def _register(self):
-        from . import _ops
-
         self._optimizer_key = _ops.remember_optimizer(self.optimizer)
 
     def __getstate__(self):
@@ -179,7 +158,11 @@ class NanGuard:
         found_inf = report.found_inf
         if self.watch is not None:  # the scale tells a routine loss-scale overflow from a cause (nanfuse/watch)
             self.watch.observe(report, None if scaler is None else scaler._scale)
-        if self._fused():
+        fused = self._fused()
+        if fused and inv_scale is None and _nothing_but_the_step(report):
+            # CPU, eager: the flag and the coefficient were read for free and ask for nothing but the step itself
+            self.optimizer.step()
+        elif fused:
             factor = report.clip_coef.double() if inv_scale is None else report.clip_coef.double() * inv_scale
             if self.max_norm is not None:  # a factor below 2**-100 (norms near 1e38) is applied in a pass first
                 kept = factor.clamp(min=SMALLEST_FACTOR)
@@ -247,8 +230,6 @@ class NanGuard:
     def _fused_step(self, grad_scale, found_inf):
         skipped = self.skipped_steps.to(found_inf.device)
         if _backend.through_registered_ops():
-            from . import _ops
-
             self.skipped_steps = _ops.fused_optimizer_step(self._optimizer_key, grad_scale, found_inf, skipped)
         else:
             fused_step(self.optimizer, grad_scale, found_inf)

@@ -11,8 +11,16 @@ def transformed_logits(logits, logit_scale=1.0, softcap=None):
 
 
 def cross_entropy_ref(logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                      z_loss=0.0, softcap=None, logit_scale=1.0):
-    """Loss of (N, C) logits in float64; differentiable, so its autograd gradient is the reference gradient."""
+                      z_loss=0.0, softcap=None, logit_scale=1.0, normalize_by=None):
+    """Loss of (N, C) logits in float64; differentiable, so its autograd gradient is the reference gradient.
+    normalize_by: the result (each row's loss for reduction='none') divided by it."""
+    loss = _cross_entropy_ref(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                              logit_scale)
+    return loss if normalize_by is None else loss / float(normalize_by)
+
+
+def _cross_entropy_ref(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                       logit_scale):
     x = transformed_logits(logits, logit_scale, softcap)
     n_rows, n_classes = x.shape
     eps = label_smoothing

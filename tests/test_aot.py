@@ -27,7 +27,7 @@ def test_every_shipped_configuration_builds_for_both_architectures(reports):
     kernels = {r.kernel for r in reports}
     assert kernels == {"cross_entropy_kernel", "cross_entropy_stats_kernel", "softmax_forward_kernel",
                        "softmax_backward_kernel", "scale_kernel", "grad_norm_partials_kernel",
-                       "grad_norm_finalize_kernel", "grad_scale_kernel", "sanitize_kernel"}
+                       "grad_norm_finalize_kernel", "grad_scale_kernel", "sanitize_kernel", "normalizers_kernel"}
     for arch in aot_check.ARCHS:
         assert {r.kernel for r in reports if r.arch == arch} == kernels
 

@@ -25,7 +25,7 @@ def test_runner_writes_every_implementation(tmp_path, monkeypatch):
     assert by_op == {op: {"nanfuse", "torch eager"} for op in ("cross_entropy", "softmax", "clip")}
     assert (tmp_path / "results.md").read_text().count("| nanfuse |") == 3
     ops = [row["op"].split()[0].rstrip(",") for row in saved["overhead"]]
-    assert ops == ["cross_entropy", "softmax", "clip_grad_norm_"]
+    assert ops == ["cross_entropy", "softmax", "clip_grad_norm_", "NanGuard.step", "training"]
     for row in saved["overhead"]:
         assert all(row[field] > 0 for field in ("eager_us", "registered_us", "torch_us")), row
     assert "eager per-call cost" in (tmp_path / "results.md").read_text()

@@ -13,7 +13,7 @@ from helpers import assert_close
 from reference import grad_norm_ref
 
 import nanfuse
-from nanfuse import clip
+from nanfuse import _grad_norm_impl
 
 NORM_TYPES = [1.0, 2.0, 3.5, math.inf]
 INTERPRETED = os.environ.get("NANFUSE_BACKEND") == "interpret"
@@ -173,7 +173,7 @@ def test_launches_do_not_grow_with_the_number_of_tensors(monkeypatch, device):
         params = make_params(device, sizes=[17] * n_tensors)
         nanfuse.clip_grad_norm_(params, 1e-3)
         assert len(launches) == 3 + 1 + 3  # a norm and a scale launch per dtype, one finalize
-    assert len(clip._TABLES) <= clip._TABLES_KEPT
+    assert len(_grad_norm_impl._TABLES) <= _grad_norm_impl._TABLES_KEPT
 
 
 def test_pointer_tables_are_cached(device):
@@ -181,10 +181,10 @@ def test_pointer_tables_are_cached(device):
         pytest.skip("pointer tables belong to the Triton path")
     params = make_params(device)
     nanfuse.grad_norm_check(params)
-    key_count = len(clip._TABLES)
-    tables = list(clip._TABLES.values())[-1]
+    key_count = len(_grad_norm_impl._TABLES)
+    tables = list(_grad_norm_impl._TABLES.values())[-1]
     nanfuse.grad_norm_check(params)
-    assert len(clip._TABLES) == key_count and list(clip._TABLES.values())[-1] is tables
+    assert len(_grad_norm_impl._TABLES) == key_count and list(_grad_norm_impl._TABLES.values())[-1] is tables
 
 
 FP32_MAX = torch.finfo(torch.float32).max
@@ -294,8 +294,8 @@ def test_the_same_gradient_twice_is_counted_and_scaled_once(device):
 @pytest.fixture
 def fresh_tables(monkeypatch):
     """An empty pointer-table cache for this test only (tables pinned by a pretended capture do not leak)."""
-    monkeypatch.setattr(clip, "_TABLES", type(clip._TABLES)())
-    monkeypatch.setattr(clip, "_CAPTURED_TABLES", {})
+    monkeypatch.setattr(_grad_norm_impl, "_TABLES", type(_grad_norm_impl._TABLES)())
+    monkeypatch.setattr(_grad_norm_impl, "_CAPTURED_TABLES", {})
     return monkeypatch
 
 
@@ -303,15 +303,15 @@ def test_tables_used_in_a_graph_capture_are_never_evicted(fresh_tables):
     # issue 11 item 8: the LRU freed a table (and its pinned upload buffer) that a captured CUDA graph had
     # baked in. The capture itself needs a GPU (test below); here the cache's rules, on CPU tables
     cpu = torch.device("cpu")
-    sets = [[torch.randn(10 + i), torch.randn(3)] for i in range(clip._TABLES_KEPT + 4)]
-    fresh_tables.setattr(clip, "_capturing", lambda device: True)
-    captured = clip._tables(sets[0], cpu)
-    fresh_tables.setattr(clip, "_capturing", lambda device: False)
-    first = [clip._tables(grads, cpu) for grads in sets[1:]]
-    assert len(clip._TABLES) == clip._TABLES_KEPT
-    assert clip._tables(sets[0], cpu) is captured  # never evicted, whatever came after
-    assert clip._tables(sets[-1], cpu) is first[-1]  # the most recent are kept...
-    assert clip._tables(sets[1], cpu) is not first[0]  # ...the least recently used were evicted and rebuilt
+    sets = [[torch.randn(10 + i), torch.randn(3)] for i in range(_grad_norm_impl._TABLES_KEPT + 4)]
+    fresh_tables.setattr(_grad_norm_impl, "_capturing", lambda device: True)
+    captured = _grad_norm_impl._tables(sets[0], cpu)
+    fresh_tables.setattr(_grad_norm_impl, "_capturing", lambda device: False)
+    first = [_grad_norm_impl._tables(grads, cpu) for grads in sets[1:]]
+    assert len(_grad_norm_impl._TABLES) == _grad_norm_impl._TABLES_KEPT
+    assert _grad_norm_impl._tables(sets[0], cpu) is captured  # never evicted, whatever came after
+    assert _grad_norm_impl._tables(sets[-1], cpu) is first[-1]  # the most recent are kept...
+    assert _grad_norm_impl._tables(sets[1], cpu) is not first[0]  # ...the least recently used were evicted and rebuilt
     if nanfuse._backend.uses_triton(sets[0][0]):  # and the tables still give the right norm
         for grads in (sets[0], sets[1]):
             assert_close(nanfuse.grad_norm_check(grads).total_norm, grad_norm_ref(grads), torch.float32)
@@ -328,7 +328,7 @@ def test_a_captured_clip_replays_after_the_cache_moved_on(fresh_tables):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         total = nanfuse.clip_grad_norm_(params, 0.5)
-    for i in range(clip._TABLES_KEPT + 4):  # other gradient sets push everything else out of the cache
+    for i in range(_grad_norm_impl._TABLES_KEPT + 4):  # other gradient sets push everything else out of the cache
         nanfuse.grad_norm_check([torch.randn(100 + i, device="cuda")])
     for p in grads_of(params):
         p.copy_(torch.randn_like(p))
@@ -359,7 +359,7 @@ class SwitchingDict(collections.OrderedDict):
 
 def test_the_table_cache_is_thread_safe(fresh_tables):
     # issue 11 item 10: three threads calling the clip gave KeyErrors (move_to_end after another evicted)
-    fresh_tables.setattr(clip, "_TABLES", SwitchingDict())
+    fresh_tables.setattr(_grad_norm_impl, "_TABLES", SwitchingDict())
     cpu = torch.device("cpu")
     errors = []
 
@@ -368,7 +368,7 @@ def test_the_table_cache_is_thread_safe(fresh_tables):
             sets = [[torch.randn(1 + offset * 100 + i)] for i in range(6)]  # 3 x 6 sets: hits and evictions
             for _ in range(30):
                 for grads in sets:
-                    clip._tables(grads, cpu)
+                    _grad_norm_impl._tables(grads, cpu)
         except Exception as error:  # collected: an exception in a thread does not fail the test by itself
             errors.append(error)
 
@@ -377,7 +377,7 @@ def test_the_table_cache_is_thread_safe(fresh_tables):
         thread.start()
     for thread in threads:
         thread.join()
-    assert errors == [] and len(clip._TABLES) <= clip._TABLES_KEPT
+    assert errors == [] and len(_grad_norm_impl._TABLES) <= _grad_norm_impl._TABLES_KEPT
 
 
 def test_empty_generator_warns_like_pytorch():

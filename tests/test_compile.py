@@ -26,9 +26,9 @@ CROSS_ENTROPY_OPTIONS = [
 
 
 def op_args(logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-            softcap=None, logit_scale=1.0):
+            softcap=None, logit_scale=1.0, normalize_by=1.0, divisor=None):
     return (logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
-            logits.requires_grad)
+            normalize_by, divisor, logits.requires_grad)
 
 
 def targets(n_rows, n_classes):
@@ -42,6 +42,8 @@ def targets(n_rows, n_classes):
 def test_cross_entropy_op_passes_opcheck(options, dtype):
     logits = (torch.randn(6, 37) * 3).to(dtype).requires_grad_()
     torch.library.opcheck(_ops._cross_entropy, op_args(logits, targets(6, 37), **options))
+    torch.library.opcheck(_ops._cross_entropy, op_args(logits, targets(6, 37), normalize_by=3.0,
+                                                       divisor=torch.tensor(7), **options))
 
 
 def test_cross_entropy_op_with_weights_and_probabilities_passes_opcheck():

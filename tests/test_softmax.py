@@ -315,9 +315,9 @@ def test_backward_keeps_forwards_choice_when_the_backend_changes(through, monkey
 
     from nanfuse import _backend
 
-    module = sys.modules["nanfuse.softmax"]
-    chosen, original = [], module._implementation
-    monkeypatch.setattr(module, "_implementation", lambda use_triton: chosen.append(use_triton) or original(False))
+    module = sys.modules["nanfuse._softmax_impl"]
+    chosen, original = [], module.implementation
+    monkeypatch.setattr(module, "implementation", lambda use_triton: chosen.append(use_triton) or original(False))
     def f(t):
         return nanfuse.softmax(t * 2, -1)
 

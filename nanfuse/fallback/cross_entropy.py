@@ -150,6 +150,25 @@ def scale_grad(grad, factor):
     return grad * factor  # a 0-dim factor: the product is formed in fp32 (fp64), rounded once to grad's dtype
 
 
+def plain_mean_forward(logits, target, compute_grad):
+    """(mean loss, gradient or None) of fp32 logits against class indices with no option, in eight small ops (one
+    read of the logits, one write of the gradient): log-softmax, then the gradient formed in its buffer. None where
+    that does not apply: a target outside [0, C) (ignored rows, or a bad index), or logits beyond one chunk."""
+    n_rows, n_classes = logits.shape
+    if not n_rows or n_rows * n_classes > CHUNK_ELEMENTS:
+        return None
+    low, high = torch.aminmax(target)
+    if low.item() < 0 or high.item() >= n_classes:  # CPU only: reading them is free
+        return None
+    log_p = torch.log_softmax(logits, 1)
+    loss = torch.nn.functional.nll_loss(log_p, target)  # the mean of -log p_y over the rows, all valid
+    if not compute_grad:
+        return loss, None
+    inv_rows = 1.0 / n_rows
+    grad = log_p.exp_().mul_(inv_rows)  # p / N, then p_y / N - 1 / N
+    return loss, grad.scatter_add_(1, target.unsqueeze(1), torch.full((n_rows, 1), -inv_rows))
+
+
 def cross_entropy_forward(logits, target, weight, scalars, opts, grad=None):
     """Row losses (normalised for the reduction) and row statistics (lse, A) for backward; fills `grad`
     if given. One read of the logits and, with `grad`, one write, chunk by chunk.

@@ -25,6 +25,7 @@ from .._backend import may_read_values
 SAFE_SUM = {torch.float32: 2.0**-100, torch.float64: 2.0**-960}
 ROW = 256  # elements per piece: PyTorch's CPU norms accumulate in order, over 256 values within 3e-6
 FP64_MAX = torch.finfo(torch.float64).max
+HOST_PIECES = 4096  # at most this many pieces' norms are checked and combined in Python floats (CPU, eager)
 
 
 def norm_dtype(grads):
@@ -101,24 +102,30 @@ def _direct_norms(grads, norm_type, acc):
     for i, g in enumerate(grads):
         if g.numel() > ROW:
             norms[i] = _row_norms(g, norm_type, acc)
-    flat = torch.cat(norms).double()
+    flat = torch.cat(norms).double() if len(norms) > 1 else norms[0].double()
+    safe = 0.0 if norm_type == math.inf else ROW * SAFE_SUM[acc]  # the max is exact; sums of p-th powers can lose
+    # tiny terms (ROW: a piece's most). Reading is free here: piece_pairs calls this only on CPU, in eager mode
+    if flat.numel() <= HOST_PIECES:  # few pieces: checked in Python, where each tensor op costs more
+        smallest = safe ** (1.0 / norm_type) if safe else 0.0  # v ** p >= safe, without overflowing v ** p
+        if all(smallest <= v < math.inf for v in flat.tolist()):
+            return flat, None, []
     suspect = ~torch.isfinite(flat)
-    if norm_type != math.inf:  # the max is exact; sums of p-th powers can lose tiny terms (ROW: a piece's most)
-        suspect |= flat.pow(norm_type) < ROW * SAFE_SUM[acc]
-    if not suspect.any():  # a host read: piece_pairs calls this only where reading is free (CPU, eager)
+    if safe:
+        suspect |= flat.pow(norm_type) < safe
+    if not suspect.any():
         return flat, None, []
     owner = torch.repeat_interleave(torch.arange(len(grads)), torch.tensor([len(n) for n in norms]))
     return flat, owner, owner[suspect].unique().tolist()
 
 
-def piece_pairs(grads, norm_type, acc):
+def piece_pairs(grads, norm_type, acc, direct=None):
     """(scales (K,) fp64, sums (K,) fp64, NaN count, Inf count) over the finite values of gradients on one
     device, as K pieces: whole tensors on the scaled path (its sums are fp64), runs of at most ROW elements
-    on the direct one (which accumulates in acc)."""
+    on the direct one (which accumulates in acc; `direct`: _direct_norms's result where already formed)."""
     if not may_read_values(grads[0]):
         scales, sums, nans, infs = _robust_pairs(grads, norm_type, acc)
         return torch.stack(scales), torch.stack(sums), torch.stack(nans).sum(), torch.stack(infs).sum()
-    scales, owner, suspects = _direct_norms(grads, norm_type, acc)  # CPU, eager: reading is free
+    scales, owner, suspects = direct or _direct_norms(grads, norm_type, acc)  # CPU, eager: reading is free
     sums = torch.ones_like(scales)  # a direct norm n is the pair (n, 1)
     if not suspects:
         return scales, sums, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
@@ -136,10 +143,34 @@ def grad_norm(grads, max_norm, norm_type):
     grads = [g for g in grads if g.numel()]
     if not grads:
         return finish(torch.zeros((), dtype=torch.float64), torch.zeros(2, dtype=torch.int64), max_norm, dtype)
-    scales, sums, nans, infs = piece_pairs(grads, norm_type, dtype)
+    direct = None
+    if may_read_values(grads[0]):  # CPU, eager: the pieces' norms are read, and combined on the host if they can be
+        direct = _direct_norms(grads, norm_type, dtype)
+        if not direct[2] and direct[0].numel() <= HOST_PIECES:
+            host = _host_result(direct[0], max_norm, norm_type, dtype)
+            if host is not None:
+                return host
+    scales, sums, nans, infs = piece_pairs(grads, norm_type, dtype, direct)
     scale, total = combine_pairs(scales, sums, norm_type)
     return finish(pair_norm(scale, total, norm_type), torch.stack([nans, infs]), max_norm, dtype,
                   pair_log2(scale, total, norm_type))
+
+
+def _host_result(norms, max_norm, norm_type, dtype):
+    """grad_norm's result from the pieces' fp64 norms (all finite, none suspect) read into Python and combined
+    there as combine_pairs and finish do (the largest, and the others' p-th powers relative to it), three small
+    tensors made in all; None where the norm would leave fp64's range (the tensor path saturates it)."""
+    values = norms.tolist()
+    top = max(values)
+    if norm_type == math.inf or top == 0.0:
+        finite = top
+    else:
+        finite = top * math.fsum((v / top) ** norm_type for v in values) ** (1.0 / norm_type)
+    if not finite < FP64_MAX:
+        return None
+    coef = 1.0 if max_norm is None else min(max_norm / (finite + 1e-6), 1.0)
+    result = torch.tensor([min(finite, torch.finfo(dtype).max), coef, 0.0], dtype=dtype)
+    return result, torch.tensor(finite, dtype=torch.float64), torch.zeros(2, dtype=torch.int64)
 
 
 def clip_coefficient(finite_norm, max_norm, log2_norm=None):

@@ -24,7 +24,7 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     """transformers' ForCausalLMLoss computed by nanfuse.cross_entropy: position t predicts labels[t + 1]
     (the last position has no target), `ignore_index` positions count for nothing, and with
     `num_items_in_batch` the summed loss is divided by it (Trainer passes the number of target tokens in
-    all gradient-accumulation micro-batches, so accumulation equals one big batch). The logits stay in
+    all gradient-accumulation micro-batches, so accumulation equals one big batch), inside forward. The logits stay in
     their dtype: no fp32 copy (transformers' own loss upcasts them). Cost: one read of the logits, and
     one write of their gradient when they require grad.
     """
@@ -32,13 +32,11 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     logits = logits.reshape(-1, vocab_size)
     shift_labels = shift_labels.reshape(-1).to(logits.device)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+    if num_items_in_batch is None:
+        return cross_entropy(logits, shift_labels, ignore_index=ignore_index)
+    # divided inside forward: the gradient written there is final, and backward moves nothing more
+    return cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction="sum",
+                         normalize_by=num_items_in_batch)
 
 
 def use_nanfuse_loss(model):
