@@ -1,6 +1,8 @@
 """Every kernel configuration the launchers pick builds for sm_80 and sm_90, spills nothing, and streams
-aligned data with 16-byte loads: compiled ahead of time, with no GPU (kernels/aot_check.py)."""
+aligned data with 16-byte loads: compiled ahead of time, with no GPU (kernels/aot_check.py), by whichever
+Triton is installed (.ci/compat runs it again under the oldest supported one)."""
 
+import importlib.metadata
 import os
 
 import pytest
@@ -18,7 +20,9 @@ def reports():
 
 
 def describe(r):
-    return f"{r.kernel} sm_{r.arch} {r.constants} for {r.examples[0]}"
+    """What a failure names: the Triton version too, since .ci/compat runs this check under the oldest one."""
+    return (f"triton {importlib.metadata.version('triton')}: {r.kernel} sm_{r.arch} {r.num_warps} warps, "
+            f"{r.registers} registers, {r.spills} spills, {r.constants} for {r.examples[0]}")
 
 
 def test_every_shipped_configuration_builds_for_both_architectures(reports):
