@@ -12,7 +12,6 @@ use_backend() and registered_ops() hold per thread.
 """
 
 import contextlib
-import functools
 import importlib.util
 import os
 import re
@@ -132,15 +131,19 @@ def unsupported_gpu_reason(device_index: int):
     return None
 
 
-@torch.compiler.assume_constant_result  # a property of the device: Dynamo bakes it into the graph
-@functools.lru_cache(maxsize=None)
+_GPU_SUPPORTED = {}  # device index -> whether the compiled kernels can run there
+
+
+@torch.compiler.assume_constant_result  # a property of the device: Dynamo calls it while tracing, keeps the result
 def _gpu_supported(device_index: int) -> bool:
-    """unsupported_gpu_reason, computed once per device; warns once when the kernels cannot run."""
-    reason = unsupported_gpu_reason(device_index)
-    if reason:
-        warnings.warn(f"nanfuse: cuda:{device_index} takes the pure-PyTorch path: {reason}", RuntimeWarning,
-                      stacklevel=2)
-    return reason is None
+    """unsupported_gpu_reason is None, computed once per device; warns once when the kernels cannot run."""
+    if device_index not in _GPU_SUPPORTED:
+        reason = unsupported_gpu_reason(device_index)
+        if reason:
+            warnings.warn(f"nanfuse: cuda:{device_index} takes the pure-PyTorch path: {reason}", RuntimeWarning,
+                          stacklevel=3)
+        _GPU_SUPPORTED[device_index] = reason is None
+    return _GPU_SUPPORTED[device_index]
 
 
 def uses_triton(tensor: torch.Tensor) -> bool:

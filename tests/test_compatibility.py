@@ -11,13 +11,15 @@ import warnings
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 
 from nanfuse import _backend, info
 
+_cuda_is_available = torch.cuda.is_available
+
 
 def _lower_bound(package):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     spec = next(d for d in pyproject["project"]["dependencies"] if re.match(rf"{package}\b", d))
     return tuple(int(p) for p in re.search(r">=\s*([\d.]+)", spec).group(1).split("."))
@@ -71,9 +73,8 @@ def gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.version, "hip", None)
-    _backend._gpu_supported.cache_clear()
-    yield state
-    _backend._gpu_supported.cache_clear()
+    monkeypatch.setattr(_backend, "_GPU_SUPPORTED", {})
+    return state
 
 
 @pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0), (12, 0)])
@@ -152,3 +153,15 @@ def test_info_says_mps_takes_the_pytorch_path(monkeypatch):
     mps = types.SimpleNamespace(dtype=torch.float32, is_cuda=False, device=torch.device("mps"))
     assert not _backend.uses_triton(mps)
 
+
+
+def test_the_device_check_is_a_constant_under_torch_compile(gpu, monkeypatch):
+    # traced instead, the check's host queries and its warning would break the graph of every compiled op
+    gpu.capability = (7, 0)
+    monkeypatch.setattr(torch.cuda, "is_available", _cuda_is_available)  # Dynamo saves the CUDA RNG state if so
+
+    def step(x):
+        return x + 1 if _backend._gpu_supported(0) else x - 1
+
+    with pytest.warns(RuntimeWarning, match="compute capability 7.0"):
+        assert torch.compile(step, fullgraph=True, backend="eager")(torch.ones(2)).tolist() == [0.0, 0.0]
