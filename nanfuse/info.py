@@ -4,6 +4,7 @@ import importlib.util
 import os
 import platform
 
+import numpy
 import torch
 
 from . import __version__, _backend
@@ -60,7 +61,8 @@ def describe():
     except ImportError:
         triton_version = "not importable"
     lines = [f"nanfuse {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"triton {triton_version}", f"CUDA (torch build) {torch.version.cuda}",
+             f"triton {triton_version}", f"numpy {numpy.__version__} (the interpreter's array library)",
+             f"CUDA (torch build) {torch.version.cuda}", f"ROCm (torch build) {torch.version.hip}",
              f"NANFUSE_BACKEND={os.environ.get('NANFUSE_BACKEND', '') or 'auto'} "
              f"(in force: {_backend.current_backend()})", ""]
     for device in _devices():

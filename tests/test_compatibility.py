@@ -10,6 +10,7 @@ import types
 import warnings
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
@@ -142,7 +143,7 @@ def test_info_names_the_reason_for_an_unsupported_gpu(gpu):
     gpu.capability, gpu.name = (7, 0), "Tesla V100-SXM2-16GB"
     with _backend.use_backend("auto"):
         report = info.describe()
-    assert "cuda:0: Tesla V100-SXM2-16GB" in report
+    assert "cuda:0: Tesla V100-SXM2-16GB" in report and f"numpy {numpy.__version__}" in report
     assert "pure PyTorch -- the kernels cannot run here: compute capability 7.0" in report
 
 
