@@ -61,7 +61,7 @@ def interpreter_incompatibility(triton_version: str, numpy_version: str):
 
     Triton before 3.7 converts a 1-element array to a Python int where a kernel uses a runtime scalar as a
     loop bound (`range(0, n_cols, BLOCK_SIZE)`); NumPy 2.4 made that a TypeError, so nearly every
-    interpreted kernel fails (fixed upstream in Triton 3.7's interpreter). Compiled kernels are unaffected.
+    interpreted kernel fails (3.7.0, 3.8.0 and 3.9.0 squeeze the array first). Compiled kernels are unaffected.
     """
     if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
         return (f"NANFUSE_BACKEND=interpret: the Triton interpreter of triton {triton_version} fails with "
