@@ -6,13 +6,18 @@
 - "interpret": the Triton kernels for every tensor, CPU tensors through the Triton interpreter.
   TRITON_INTERPRET=1 is set here, when nanfuse is imported, before any kernel module is.
 float64 always takes the PyTorch path (in float64), so torch.autograd.gradcheck works.
+A CUDA tensor on a GPU the kernels do not support (a ROCm build, compute capability below 8.0, no importable
+triton) takes the PyTorch path under "auto" (one RuntimeWarning per device) and raises under "triton".
 use_backend() and registered_ops() hold per thread.
 """
 
 import contextlib
+import importlib.util
 import os
+import re
 import sys
 import threading
+import warnings
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -46,10 +51,35 @@ def _interpret_loaded_triton_language():
                 setattr(owner, name, interpreted[value.fn])
 
 
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+def interpreter_incompatibility(triton_version: str, numpy_version: str):
+    """Why this Triton's interpreter cannot run nanfuse's kernels with this NumPy, or None when it can.
+
+    Triton before 3.7 converts a 1-element array to a Python int where a kernel uses a runtime scalar as a
+    loop bound (`range(0, n_cols, BLOCK_SIZE)`); NumPy 2.4 made that a TypeError, so nearly every
+    interpreted kernel fails (3.7.0, 3.8.0 and 3.9.0 squeeze the array first). Compiled kernels are unaffected.
+    """
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"NANFUSE_BACKEND=interpret: the Triton interpreter of triton {triton_version} fails with "
+                f"NumPy {numpy_version} (NumPy 2.4 refuses the array-to-int conversion it does for loop "
+                f"bounds). Install 'numpy<2.4' or 'triton>=3.7'; compiled kernels are not affected.")
+    return None
+
+
 if _env_backend == "interpret":
     os.environ["TRITON_INTERPRET"] = "1"
     if "triton.language" in sys.modules:
         _interpret_loaded_triton_language()
+    import numpy
+    import triton
+
+    _problem = interpreter_incompatibility(triton.__version__, numpy.__version__)
+    if _problem:
+        raise ImportError(_problem)
 
 _thread_state = threading.local()  # .override: the innermost use_backend; .ops_in_eager: registered_ops()
 
@@ -84,6 +114,38 @@ def without_interpreter():
         yield
 
 
+MIN_COMPUTE_CAPABILITY = (8, 0)  # the kernels are built and checked (kernels/aot_check.py) for sm_80 and sm_90
+
+
+def unsupported_gpu_reason(device_index: int):
+    """Why the compiled kernels cannot run on CUDA device `device_index`, or None when they can."""
+    if torch.version.hip is not None:
+        return (f"a ROCm (HIP {torch.version.hip}) build of PyTorch: nanfuse's kernels are built and checked "
+                "for NVIDIA GPUs only")
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not importable"
+    capability = torch.cuda.get_device_capability(device_index)
+    if capability < MIN_COMPUTE_CAPABILITY:
+        return (f"compute capability {capability[0]}.{capability[1]} ({torch.cuda.get_device_name(device_index)}): "
+                f"nanfuse's kernels need {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} or newer")
+    return None
+
+
+_GPU_SUPPORTED = {}  # device index -> whether the compiled kernels can run there
+
+
+@torch.compiler.assume_constant_result  # a property of the device: Dynamo calls it while tracing, keeps the result
+def _gpu_supported(device_index: int) -> bool:
+    """unsupported_gpu_reason is None, computed once per device; warns once when the kernels cannot run."""
+    if device_index not in _GPU_SUPPORTED:
+        reason = unsupported_gpu_reason(device_index)
+        if reason:
+            warnings.warn(f"nanfuse: cuda:{device_index} takes the pure-PyTorch path: {reason}", RuntimeWarning,
+                          stacklevel=3)
+        _GPU_SUPPORTED[device_index] = reason is None
+    return _GPU_SUPPORTED[device_index]
+
+
 def uses_triton(tensor: torch.Tensor) -> bool:
     """True when the op on `tensor` should run the Triton kernels rather than pure PyTorch."""
     if tensor.dtype == torch.float64:
@@ -92,7 +154,15 @@ def uses_triton(tensor: torch.Tensor) -> bool:
     if backend == "torch":
         return False
     if tensor.is_cuda:
-        return True
+        if backend == "interpret":  # the interpreter runs on the host: any GPU will do
+            return True
+        index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+        if _gpu_supported(index):
+            return True
+        if backend == "triton":
+            raise RuntimeError(f"NANFUSE_BACKEND=triton, but the Triton kernels cannot run on cuda:{index}: "
+                               f"{unsupported_gpu_reason(index)}; use NANFUSE_BACKEND=auto for the PyTorch path")
+        return False
     return backend == "interpret" and tensor.device.type == "cpu"
 
 

@@ -4,6 +4,7 @@ import importlib.util
 import os
 import platform
 
+import numpy
 import torch
 
 from . import __version__, _backend
@@ -15,7 +16,15 @@ def _devices():
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append(torch.device("mps"))
     return devices
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "Apple GPU (Metal)" if device.type == "mps" else platform.processor() or "CPU"
 
 
 def path_for(device, dtype=torch.float32):
@@ -25,8 +34,16 @@ def path_for(device, dtype=torch.float32):
         return "pure PyTorch (float64)", "float64 always takes the PyTorch path, so gradcheck works"
     if backend == "torch":
         return "pure PyTorch", "NANFUSE_BACKEND=torch"
-    if importlib.util.find_spec("triton") is None and (device.type == "cuda" or backend == "interpret"):
+    if device.type not in ("cpu", "cuda"):
+        return "pure PyTorch", f"Triton has no {device.type} backend"
+    if importlib.util.find_spec("triton") is None and backend == "interpret":
         return "pure PyTorch", "triton is not importable"
+    if device.type == "cuda" and backend != "interpret":
+        reason = _backend.unsupported_gpu_reason(device.index)
+        if reason and backend == "triton":
+            return "error (NANFUSE_BACKEND=triton)", f"the kernels cannot run here: {reason}"
+        if reason:
+            return "pure PyTorch", f"the kernels cannot run here: {reason}"
     probe = torch.empty(0, dtype=dtype, device=device)
     if not _backend.uses_triton(probe):
         return "pure PyTorch", f"{device.type} tensors take the PyTorch path unless NANFUSE_BACKEND=interpret"
@@ -44,12 +61,12 @@ def describe():
     except ImportError:
         triton_version = "not importable"
     lines = [f"nanfuse {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"triton {triton_version}", f"CUDA (torch build) {torch.version.cuda}",
+             f"triton {triton_version}", f"numpy {numpy.__version__} (the interpreter's array library)",
+             f"CUDA (torch build) {torch.version.cuda}", f"ROCm (torch build) {torch.version.hip}",
              f"NANFUSE_BACKEND={os.environ.get('NANFUSE_BACKEND', '') or 'auto'} "
              f"(in force: {_backend.current_backend()})", ""]
     for device in _devices():
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-        lines.append(f"{device}: {name}")
+        lines.append(f"{device}: {_device_name(device)}")
         for dtype in (torch.float32, torch.float64):
             implementation, reason = path_for(device, dtype)
             lines.append(f"  {str(dtype).replace('torch.', ''):8} all ops ({', '.join(OPS)}): "

@@ -76,6 +76,8 @@ def test_module_info_samples_match_pytorch(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_module_info_error_inputs_raise_pytorchs_exception_class(dtype):
     info = module_info()
+    if info.module_error_inputs_func is None:
+        pytest.skip("this torch (2.11, the GPU image's) lists no error inputs for CrossEntropyLoss")
     errors = info.module_error_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True)
     assert errors
     for error in errors:

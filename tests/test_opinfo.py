@@ -177,6 +177,8 @@ def test_cross_entropy_loss_module_sample(case):
 
 
 def _error_inputs():
+    if CROSS_ENTROPY_LOSS.module_error_inputs_func is None:  # torch 2.11 (the GPU image) lists none for it
+        return []
     return list(CROSS_ENTROPY_LOSS.module_error_inputs_func(CROSS_ENTROPY_LOSS, device="cpu", dtype=torch.float32,
                                                             requires_grad=False, training=True))
 
