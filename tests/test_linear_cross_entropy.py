@@ -283,6 +283,23 @@ def test_nan_in_one_row_poisons_its_loss_and_grad_weight_only(compact, monkeypat
     assert_close(loss[clean], ref[0], what="other rows' losses")
 
 
+@pytest.mark.parametrize("compact", [True, False], ids=["cpu rows dropped", "every row run (GPU)"])
+def test_nan_in_an_ignored_row_changes_nothing(compact, monkeypatch):
+    """An ignored row never contributes: not to the loss, not to grad_weight (on GPU its input is masked out of
+    the weight's matmul, where 0 * NaN would be NaN)."""
+    if not compact:
+        monkeypatch.setattr(lce_module, "_valid_rows", lambda target, opts: None)
+    x, w, b, t, _ = make_inputs(10, 6, 19, bias=True, ignored=0.0)
+    t[4] = -100
+    clean = x.clone()
+    clean[4] = 0.0
+    x[4] = float("nan")
+    got = run(x, w, b, t, None, torch.tensor(1.0), chunk_rows=3)[0]
+    expected = run(clean, w, b, t, None, torch.tensor(1.0), chunk_rows=3)[0]
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)
+
+
 def test_out_of_range_class_index_is_a_value_error_on_cpu():
     x, w, _, t, _ = make_inputs(4, 3, 5, ignored=0.0)
     t[1] = 5
