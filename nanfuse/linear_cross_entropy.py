@@ -208,8 +208,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd node of linear_cross_entropy on (N, D) input (the eager path)."""
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, opts, chunk_rows, fp32_accumulation):
-        needs = tuple(ctx.needs_input_grad[:3])
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, opts, chunk_rows, fp32_accumulation,
+                grad_enabled):
+        needs = tuple(need and grad_enabled for need in ctx.needs_input_grad[:3])  # no_grad: the losses only
         loss, *held = forward_pass(input, linear_weight, linear_bias, target, weight, opts, chunk_rows,
                                    fp32_accumulation, needs)
         ctx.opts, ctx.chunk_rows, ctx.fp32_accumulation = opts, chunk_rows, fp32_accumulation
@@ -226,7 +227,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         input, linear_weight, linear_bias, target, weight, *held, scale = ctx.saved_tensors
         grads = backward_pass((input, linear_weight, linear_bias), target, weight, held, scale, ctx.dtypes, ctx.opts,
                               ctx.chunk_rows, ctx.fp32_accumulation, ctx.needs_input_grad[:3], d_loss)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _check_args(input, linear_weight, linear_bias, target, weight, opts, chunk_rows, grad_enabled):
@@ -313,7 +314,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         loss = _registered(flat_input, linear_weight, linear_bias, flat_target, weight, opts, rows, fp32_accumulation)
     else:
         loss = LinearCrossEntropyFunction.apply(flat_input, linear_weight, linear_bias, flat_target, weight, opts,
-                                                rows, fp32_accumulation)
+                                                rows, fp32_accumulation, grad_enabled)
     return loss.reshape(out_shape) if reduction == "none" else loss
 
 

@@ -230,6 +230,16 @@ def test_ignored_rows_cost_no_matmul_on_cpu():
     assert len(seen.rows) == 3 * 3
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_without_grad_only_the_logits_matmul_runs(context):
+    x, w, _, t, _ = make_inputs(12, 8, 50, ignored=0.0)
+    with context(), _MatmulRows() as seen:
+        loss = linear_cross_entropy(x.requires_grad_(), w.requires_grad_(), t, chunk_rows=4)
+    assert seen.rows == [4, 4, 4]
+    check_against_reference(x.detach(), w.detach(), None, t, None, torch.tensor(1.0))
+    assert loss.item() == pytest.approx(F.cross_entropy(F.linear(x, w), t).item(), rel=1e-5)
+
+
 def test_peak_memory_is_one_chunk_not_the_logits():
     """Peak heap growth of forward+backward (glibc, sampled at every aten op) stays below a third of the
     N x V logits; F.linear + F.cross_entropy needs more than the logits (so this measure can fail). The PyTorch
@@ -403,3 +413,5 @@ def test_bad_arguments_raise_pytorchs_exception_class_naming_the_argument():
         linear_cross_entropy(x.long(), w, t)
     with pytest.raises(ValueError, match="target"):
         linear_cross_entropy(x, w, torch.softmax(torch.randn(4, 5), 1).requires_grad_())
+    with pytest.raises(RuntimeError, match="weight"):  # as F.cross_entropy with class indices
+        linear_cross_entropy(x, w, t, weight=torch.rand(5, requires_grad=True))
