@@ -51,15 +51,18 @@ def default_chunk_rows(n_classes, dtype, budget_bytes=CHUNK_BYTES):
 
 
 def _valid_rows(target, opts):
-    """Indices of the rows not ignored, or None to run every row: on CPU (reading the count is free) ignored
-    rows are dropped before any matmul. On GPU that count would cost a host sync, so every row runs (an ignored
-    row's gradient is exactly 0 and its input is masked out of grad_weight)."""
-    if target.dim() != 1 or not _backend.may_read_values(target):
-        return None
+    """(indices of the rows not ignored or None for every row, whether ignored rows must be masked). On CPU
+    (reading the count is free) ignored rows are dropped before any matmul. On GPU that count would cost a host
+    sync, so every row runs (an ignored row's gradient is exactly 0) and ignored rows' input is masked out of
+    grad_weight, where 0 * NaN would be NaN."""
+    if target.dim() != 1:
+        return None, False
+    if not _backend.may_read_values(target):
+        return None, True
     valid = target != opts.ignore_index
     if bool(valid.all()):  # CPU: no sync
-        return None
-    return valid.nonzero().squeeze(1)
+        return None, False
+    return valid.nonzero().squeeze(1), False
 
 
 def chunked_pass(input, linear_weight, linear_bias, target, weight, opts, scalars, chunk_rows, needs,
@@ -76,7 +79,7 @@ def chunked_pass(input, linear_weight, linear_bias, target, weight, opts, scalar
     b = None if linear_bias is None else linear_bias.to(dtype)
     need_input, need_weight, need_bias = needs
     grads = need_input or need_weight or need_bias
-    rows = _valid_rows(target, opts)
+    rows, mask_ignored = _valid_rows(target, opts)
     n_run = n_rows if rows is None else len(rows)
     acc = _accumulation_dtype(input)
     losses = None
@@ -117,7 +120,7 @@ def chunked_pass(input, linear_weight, linear_bias, target, weight, opts, scalar
             else:
                 grad_input.index_copy_(0, index, torch.mm(logits, w))
         if need_weight:
-            if rows is None and t.dim() == 1:  # an ignored row may hold NaN: keep it out, as on CPU
+            if mask_ignored:  # an ignored row may hold NaN: keep it out, as on CPU
                 x = torch.where((t != opts.ignore_index).unsqueeze(1), x, 0.0)
             if grad_weight.dtype == dtype:
                 grad_weight.addmm_(logits.t(), x)

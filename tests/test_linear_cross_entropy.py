@@ -274,7 +274,7 @@ def test_default_chunk_fits_the_budget():
 @pytest.mark.parametrize("compact", [True, False], ids=["cpu rows dropped", "every row run (GPU)"])
 def test_nan_in_one_row_poisons_its_loss_and_grad_weight_only(compact, monkeypatch):
     if not compact:
-        monkeypatch.setattr(lce_module, "_valid_rows", lambda target, opts: None)
+        monkeypatch.setattr(lce_module, "_valid_rows", lambda target, opts: (None, True))
     x, w, b, t, _ = make_inputs(12, 6, 19, bias=True, ignored=0.0)
     t[7] = -100
     x[3, 2] = float("nan")
@@ -298,7 +298,7 @@ def test_nan_in_an_ignored_row_changes_nothing(compact, monkeypatch):
     """An ignored row never contributes: not to the loss, not to grad_weight (on GPU its input is masked out of
     the weight's matmul, where 0 * NaN would be NaN)."""
     if not compact:
-        monkeypatch.setattr(lce_module, "_valid_rows", lambda target, opts: None)
+        monkeypatch.setattr(lce_module, "_valid_rows", lambda target, opts: (None, True))
     x, w, b, t, _ = make_inputs(10, 6, 19, bias=True, ignored=0.0)
     t[4] = -100
     clean = x.clone()
