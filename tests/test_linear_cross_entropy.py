@@ -139,6 +139,24 @@ def test_batch_time_input_and_module_form(reduction):
     torch.testing.assert_close(head(x, t), got[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("ignored", [0.0, 0.3])
+def test_second_backward_through_the_graph_is_right_or_raises(ignored):
+    """The gradients forward wrote may become .grad as they are (CPU, factor 1): a second backward through the
+    same graph then either adds them again correctly or raises PyTorch's in-place error, never a wrong sum."""
+    x, w, _, t, _ = make_inputs(12, 8, 31, ignored=ignored)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    loss = linear_cross_entropy(x, w, t)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone(), w.grad.clone()
+    try:
+        loss.backward()
+    except RuntimeError as error:
+        assert "inplace" in str(error)
+        return
+    torch.testing.assert_close(x.grad, 2 * first[0])
+    torch.testing.assert_close(w.grad, 2 * first[1])
+
+
 def test_all_rows_ignored_gives_zero_loss_and_zero_gradients():
     x, w, b, t, _ = make_inputs(9, 5, 11, bias=True, ignored=1.0)
     loss, dx, dw, db = run(x, w, b, t, None, chunk_rows=4)[0]
