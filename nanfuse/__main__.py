@@ -37,7 +37,7 @@ def _parser():
     bench.add_argument("--out", type=writable_folder, default="nanfuse-bench",
                        help="folder for results.json, results.md and plots")
     bench.add_argument("--device", type=available_device, default=None, help="cuda or cpu (default: cuda if any)")
-    bench.add_argument("--only", choices=("cross_entropy", "softmax", "clip", "overhead", "watch"),
+    bench.add_argument("--only", choices=("cross_entropy", "softmax", "clip", "linear_ce", "overhead", "watch"),
                        help="run the cases of one op only, or only the eager per-call overhead table, or only "
                             "NanWatch's cost (steps/s: plain, watch, detect_anomaly on the demo's GRU)")
     bench.add_argument("--budget-s", type=positive_float, default=None,

@@ -22,8 +22,10 @@ def test_runner_writes_every_implementation(tmp_path, monkeypatch):
             assert math.isfinite(row[field]) and row[field] > 0, (field, row)
         assert row["peak_extra_bytes"] is None or row["peak_extra_bytes"] >= 0
         by_op.setdefault(row["op"], set()).add(row["implementation"])
-    assert by_op == {op: {"nanfuse", "torch eager"} for op in ("cross_entropy", "softmax", "clip")}
-    assert (tmp_path / "results.md").read_text().count("| nanfuse |") == 3
+    expected = {op: {"nanfuse", "torch eager"} for op in ("cross_entropy", "softmax", "clip")}
+    expected["linear_ce"] = {"nanfuse", "F.linear_cross_entropy", "F.linear_cross_entropy chunked"}
+    assert by_op == expected
+    assert (tmp_path / "results.md").read_text().count("| nanfuse |") == 4
     ops = [row["op"].split()[0].rstrip(",") for row in saved["overhead"]]
     assert ops == ["cross_entropy", "softmax", "clip_grad_norm_", "NanGuard.step", "training"]
     for row in saved["overhead"]:

@@ -20,6 +20,7 @@ class Case:
     setup: object  # setup(device) -> dict of implementation name -> zero-argument callable
     compile_ok: bool = True
     variant: str = ""  # what the plot draws as one line across sizes (reduction and options, or clip mode)
+    min_reps: int = 5  # timed runs at least (after one warm-up): 1 for the cases that take seconds per run
 
 
 def _with_compiled(impls, compile_ok, wrap, torch_fn):
@@ -185,6 +186,61 @@ def softmax_case(n_rows, n_classes, dtype, log=False, compile_ok=True):
                 _softmax_setup(n_rows, n_classes, dtype, log, compile_ok), compile_ok, name)
 
 
+# ---------------------------------------------------------------- fused linear + cross-entropy
+
+def _linear_ce_setup(n_rows, n_features, n_classes, dtype, ignored, compile_ok):
+    def setup(device):
+        x = (torch.randn(n_rows, n_features, device=device) / 4).to(dtype).requires_grad_()
+        w = (torch.randn(n_classes, n_features, device=device) / n_features**0.5).to(dtype).requires_grad_()
+        target = torch.randint(0, n_classes, (n_rows,), device=device)
+        target[: int(n_rows * ignored)] = -100
+
+        def fwd_bwd(loss_fn):
+            def run():
+                loss_fn(x, w, target).backward()
+                x.grad = w.grad = None
+            return run
+
+        def linear_then_cross_entropy(x, w, t):
+            return F.cross_entropy(F.linear(x, w), t)
+
+        impls = {"nanfuse": fwd_bwd(nanfuse.linear_cross_entropy),
+                 "F.linear_cross_entropy": fwd_bwd(F.linear_cross_entropy)}
+        if hasattr(torch.nn, "LinearCrossEntropyOptions"):  # PyTorch 2.13: its batch-chunked mode
+            options = torch.nn.LinearCrossEntropyOptions()
+            impls["F.linear_cross_entropy chunked"] = fwd_bwd(
+                lambda x, w, t: F.linear_cross_entropy(x, w, t, options=options))
+        if device.type == "cuda" and importlib.util.find_spec("liger_kernel"):
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            impls["liger-kernel"] = fwd_bwd(lambda x, w, t: liger_fused_linear_cross_entropy(x, w, t))
+        return _with_compiled(impls, compile_ok, fwd_bwd, linear_then_cross_entropy)
+
+    return setup
+
+
+def linear_ce_case(n_rows, n_features, n_classes, dtype, ignored=0.0, compile_ok=True, min_reps=1):
+    """Forward+backward of the loss head: logits = x W^T (N x V, never stored by nanfuse), then mean
+    cross-entropy; `ignored` is the share of rows with target -100."""
+    itemsize = torch.finfo(dtype).bits // 8
+    # at least: read x and W, write their gradients (the N x V logits need not touch memory at all)
+    min_bytes = 2 * (n_rows + n_classes) * n_features * itemsize + n_rows * 8
+    extras = f" {ignored:.0%} ignored" if ignored else ""
+    return Case("linear_ce", f"N={n_rows} D={n_features} V={n_classes}{extras}", dtype, n_classes, min_bytes,
+                _linear_ce_setup(n_rows, n_features, n_classes, dtype, ignored, compile_ok), compile_ok,
+                f"mean{extras}", min_reps)
+
+
+def linear_ce_cases(device):
+    """The loss-head shapes: CPU fp32 (logits 524 MB and 1.05 GB), and on GPU bf16 at 8192 tokens."""
+    if device.type == "cuda":
+        return [linear_ce_case(8192, 4096, 128_256, torch.bfloat16, min_reps=5),
+                linear_ce_case(8192, 4096, 128_256, torch.bfloat16, ignored=0.9, compile_ok=False, min_reps=5)]
+    return [linear_ce_case(4096, 1024, 32_000, torch.float32),
+            linear_ce_case(4096, 1024, 32_000, torch.float32, ignored=0.9, compile_ok=False),
+            linear_ce_case(2048, 2048, 128_256, torch.float32)]
+
+
 # ---------------------------------------------------------------- the suites
 
 def full_cases(device):
@@ -204,7 +260,7 @@ def full_cases(device):
     for dtype in (torch.bfloat16, torch.float32):
         for n_rows, n_classes in [(64, 32_000), (8192, 4096)]:
             cases += [softmax_case(n_rows, n_classes, dtype, log) for log in (False, True)]
-    return cases
+    return cases + linear_ce_cases(device)
 
 
 def gpu_check_cases(device):
@@ -246,4 +302,5 @@ def tiny_cases(device):
         cross_entropy_case(8, 300, torch.float32, compile_ok=False),
         clip_case("tiny", [(10,), (300,)], torch.float32, "clip", False),
         softmax_case(8, 300, torch.float32, compile_ok=False),
+        linear_ce_case(8, 16, 300, torch.float32, compile_ok=False),
     ]

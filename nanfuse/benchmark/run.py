@@ -14,7 +14,7 @@ from . import overhead
 from .measure import copy_bandwidth_gbs, device_name, launches_and_syncs, median_ms, peak_extra_bytes
 
 OP_TITLES = [("cross_entropy", "cross-entropy forward+backward"), ("softmax", "softmax forward+backward"),
-             ("clip", "gradient-norm clip")]
+             ("clip", "gradient-norm clip"), ("linear_ce", "linear + cross-entropy forward+backward")]
 COLUMNS = ["implementation", "case", "dtype", "median ms", "min bytes", "GB/s", "of copy BW",
            "peak extra MB", "launches", "syncs"]
 
@@ -50,7 +50,7 @@ def run_case(case, device, copy_gbs):
         row = dict(implementation=name, op=case.op, case=case.name, dtype=str(case.dtype).replace("torch.", ""),
                    size=case.size, min_bytes=case.min_bytes, variant=case.variant)
         try:
-            ms = median_ms(fn, device)
+            ms = median_ms(fn, device, min_reps=case.min_reps, budget_s=1.0 if case.min_reps > 1 else 0.0)
             peak, peak_how = peak_extra_bytes(fn, device) if name != "torch.compile" or device.type == "cuda" \
                 else (None, "not measured: compiled code allocates outside the dispatcher on CPU")
             launches, syncs = launches_and_syncs(fn, device)
