@@ -8,8 +8,8 @@ Function; under torch.compile the held gradients are scaled by plain tensor ops 
 import torch
 from torch import Tensor
 
-from .cross_entropy import CrossEntropyOptions
-from .linear_cross_entropy import _accumulation_dtype, backward_pass, forward_pass, is_final
+from ._cross_entropy_impl import CrossEntropyOptions
+from ._linear_cross_entropy_impl import _accumulation_dtype, backward_pass, forward_pass, is_final
 
 
 def _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):

@@ -17,7 +17,7 @@ from nanfuse import _linear_cross_entropy_op, linear_cross_entropy
 from nanfuse._backend import registered_ops
 from nanfuse.benchmark.measure import peak_extra_bytes
 
-lce_module = importlib.import_module("nanfuse.linear_cross_entropy")  # the attribute is the function
+lce_module = importlib.import_module("nanfuse._linear_cross_entropy_impl")  # the chunk loop
 
 OPTIONS = [
     dict(),
