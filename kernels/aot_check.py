@@ -115,11 +115,12 @@ def _load_bytes(instruction):
     return _LOAD_BYTES.get(width, 4)
 
 
-def main_loop_lengths(sass, min_load_bytes):
-    """Instructions of one iteration of each main loop of the SASS: the outermost loops (backward branches)
-    whose body loads at least min_load_bytes per thread (the streamed elements; small loops over a few
-    scalars do not), counted along the shortest path through the body (an if/else executes one side: the
-    unmasked block is the common one). An inner loop is counted once."""
+def main_loop_lengths(sass, min_load_bytes, block_size):
+    """(instructions, blocks) of one pass through each main loop of the SASS: the outermost loops (backward
+    branches) whose body loads at least min_load_bytes per thread (the streamed elements; small loops over a
+    few scalars do not), counted along the shortest path through the body (an if/else executes one side: the
+    unmasked block is the common one). An inner loop is counted once. blocks: how many BLOCK_SIZE steps one
+    pass makes (ptxas unrolls some loops 4 times), from the step of the counter the loop's branch tests."""
     code = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
     code = [(a, t) for a, t in code if not t.startswith("NOP")]
     branches = [(a, int(m.group(1), 16), t.startswith("BRA"))
@@ -145,8 +146,29 @@ def main_loop_lengths(sass, min_load_bytes):
                 successors.append(body[index + 1][0])
             for b in successors:
                 distance[b] = min(distance.get(b, 1 << 30), distance[a] + 1)
-        lengths.append(distance.get(end, len(body)))
+        lengths.append((distance.get(end, len(body)), _unrolled(body, block_size)))
     return lengths
+
+
+def _unrolled(body, block_size):
+    """BLOCK_SIZE steps per pass of a loop: the increment of the register its closing branch tests, in blocks."""
+    predicate = re.match(r"@!?(U?P\d)", body[-1][1])
+    if predicate is None:
+        return 1
+    name = predicate.group(1)
+    moved = [t for _, t in body if re.match(rf"PLOP3\S* {name},", t)]  # a uniform predicate copied over
+    if moved and re.search(r"\bUP\d\b", moved[-1]):
+        name = re.search(r"\b(UP\d)\b", moved[-1]).group(1)
+    tests = [t for _, t in body if re.match(rf"U?ISETP\S* {name},", t)]
+    registers = re.findall(r"\bU?R\d+\b", tests[-1]) if tests else []
+    for register in registers:
+        for _, t in body:
+            step = re.match(rf"U?IADD3 {register}, (?:{register}, (0x[0-9a-f]+)|(0x[0-9a-f]+), {register})", t)
+            if step:
+                value = int(step.group(1) or step.group(2), 16)
+                if value % block_size == 0:
+                    return value // block_size
+    return 1
 
 
 def _resources(cubin):
@@ -250,7 +272,8 @@ def check(archs=(90, 80), progress=None):
                 registers, spills, wide, narrow, sass = _resources(cubin)
                 aligned = tuple(launch.kernel.params[i].name for (i,) in sorted(attrs))
                 per_thread, element_bytes = _elements_per_thread(signature, constexprs, launch.num_warps)
-                loops = tuple(round(n / per_thread, 2) for n in main_loop_lengths(sass, per_thread * element_bytes))
+                loops = tuple(round(n / (per_thread * blocks), 2) for n, blocks in main_loop_lengths(
+                    sass, per_thread * element_bytes, constexprs.get("BLOCK_SIZE", 0) or 1 << 40))
                 reports[key] = KernelReport(launch.kernel.fn.__name__, arch, launch.num_warps, constexprs, aligned,
                                             registers, spills, shared, wide, narrow, loops, [])
                 if progress:
@@ -288,3 +311,37 @@ def format_report(reports, before=None):
                      + (f"{_before(r, before)} | " if before is not None else "") + f"{loops} | "
                      f"{constants} | {r.examples[0]} (+{len(r.examples) - 1} more) |")
     return "\n".join(lines)
+
+
+def main(argv=None):
+    """python -m nanfuse.kernels.aot_check [--arch 90] [--before loops.json] [--save-loops loops.json] [--out t.md]"""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS), help="default: 90 and 80")
+    parser.add_argument("--before", help="loop costs saved by --save-loops from an earlier build, for comparison")
+    parser.add_argument("--save-loops", help="write this build's main-loop costs (JSON) here")
+    parser.add_argument("--out", help="write the markdown table here (default: print it)")
+    args = parser.parse_args(argv)
+    reports = check(archs=tuple(args.arch or (90, 80)))
+    if args.save_loops:
+        with open(args.save_loops, "w") as f:
+            json.dump(loop_costs(reports), f, indent=0, sort_keys=True)
+    before = None
+    if args.before:
+        with open(args.before) as f:
+            before = json.load(f)
+    table = format_report(reports, before)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    else:
+        print(table)
+    spilling = [(r.kernel, r.arch, r.examples[0], r.spills) for r in reports if r.spills]
+    print(f"triton {triton.__version__}: {len(reports)} configurations, spilling: {spilling or 'none'}")
+    return 1 if spilling else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
