@@ -282,15 +282,20 @@ def check(archs=(90, 80), progress=None):
     return list(reports.values())
 
 
+def _launch_name(r, example):
+    aligned = {True: " aligned", False: " unaligned"}.get(r.constants.get("ALIGNED"), "")  # the clip's two tables
+    return f"{r.kernel} sm{r.arch} {example}{aligned}"
+
+
 def loop_costs(reports):
     """{"kernel sm example": main-loop instructions per element} for every shipped launch: what a later
     format_report(before=...) compares against."""
-    return {f"{r.kernel} sm{r.arch} {example}": list(r.loop_instructions) for r in reports for example in r.examples}
+    return {_launch_name(r, example): list(r.loop_instructions) for r in reports for example in r.examples}
 
 
 def _before(r, before):
     for example in r.examples:
-        loops = before.get(f"{r.kernel} sm{r.arch} {example}")
+        loops = before.get(_launch_name(r, example))
         if loops is not None:
             return " + ".join(f"{x:g}" for x in loops) or "-"
     return "?"

@@ -74,17 +74,18 @@ def _chunk_stats(logits_row_ptr, target_row_ptr, weight_ptr, col_start, col_end,
     once after the loop: no block-wide reduction per block."""
     m_lane = tl.full([BLOCK_SIZE], -3.4028234663852886e38, tl.float32)
     s_lane = tl.zeros([BLOCK_SIZE], tl.float32)
-    mass_lane = tl.zeros([BLOCK_SIZE], tl.float32)
+    mass = tl.full([], 0.0, tl.float32)
     for start in range(col_start, col_end, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < col_end
         x = _load_logits(logits_row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP)
         m_lane, s_lane = lane_softmax_stats(m_lane, s_lane, x)
         if PROB_TARGET:
-            mass_lane += _dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
-                                     PROB_TARGET, HAS_WEIGHT)
+            # reduced per block: a third per-lane vector spills with triton 3.6 (fp16, sm_90)
+            mass += tl.sum(_dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
+                                       PROB_TARGET, HAS_WEIGHT), 0)
     m, s = combine_softmax_stats(m_lane, s_lane)
-    return m, s, tl.sum(mass_lane, 0)
+    return m, s, mass
 
 
 @triton.jit
@@ -244,7 +245,13 @@ def cross_entropy_kernel(
         tl.debug_barrier()
 
     # 3. one sweep over the chunk: dense loss terms and the gradient (an ignored row's is 0, its logits unread)
-    dense_loss = tl.zeros([BLOCK_SIZE], tl.float32)
+    # per lane and reduced once, except for fp32 probability targets, where that vector spills (unaligned rows,
+    # triton 3.9) and the loss is reduced per block (doing that everywhere spills elsewhere with triton 3.6)
+    PER_BLOCK: tl.constexpr = PROB_TARGET and logits_ptr.dtype.element_ty == tl.float32
+    if PER_BLOCK:
+        dense_loss = tl.full([], 0.0, tl.float32)
+    else:
+        dense_loss = tl.zeros([BLOCK_SIZE], tl.float32)
     grad_row_ptr = grad_ptr + row * grad_row_stride
     if valid:
         if WRITE_GRAD or SMOOTHING or PROB_TARGET:
@@ -257,7 +264,11 @@ def cross_entropy_kernel(
                     a = _dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
                                     PROB_TARGET, HAS_WEIGHT)
                     # a_c = 0 adds nothing, also where x_c = -inf (0 * inf is NaN)
-                    dense_loss += tl.where(a != 0.0, _weighted_gap(a, shift, x, log_s), 0.0)
+                    gap = tl.where(a != 0.0, _weighted_gap(a, shift, x, log_s), 0.0)
+                    if PER_BLOCK:
+                        dense_loss += tl.sum(gap, 0)
+                    else:
+                        dense_loss += gap
                 if WRITE_GRAD:
                     g = _gradient(x, a, shift, log_s2, grad_p, grad_a, softcap, HAS_SOFTCAP, SMOOTHING or PROB_TARGET)
                     tl.store(grad_row_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -281,7 +292,10 @@ def cross_entropy_kernel(
 
     # 4. this chunk's share of the row loss, already normalised for the reduction
     if WRITE_LOSS:
-        ce = tl.sum(dense_loss, 0)
+        if PER_BLOCK:
+            ce = dense_loss
+        else:
+            ce = tl.sum(dense_loss, 0)
         if not PROB_TARGET:
             owns_target = (y >= col_start) & (y < col_end) & (target_coef != 0.0)
             ce += tl.where(owns_target, _weighted_gap(target_coef, shift, x_y, log_s), 0.0)

@@ -91,8 +91,8 @@ def _walk_partials(data_ptrs_ptr, numels_ptr, block_starts_ptr, t, block, block_
 
     EXACT: the sum is sum (|g| / max)**p over finite values (scaled by the running max, so nothing
     overflows or underflows) and NaN/Inf are counted. Otherwise the cheap loop: per lane a plain sum of
-    |g| or g**2 and a max that keeps NaN; the sum and max come out non-finite if any value is, and the counts
-    are 0.
+    |g| or g**2 (of 0 * |g| for the max norm) and a max; the sum comes out NaN or Inf if any value is one,
+    and the counts are 0.
     """
     next_start = tl.load(block_starts_ptr + t + 1)
     running_max = tl.full([], 0.0, tl.float32)
@@ -122,13 +122,18 @@ def _walk_partials(data_ptrs_ptr, numels_ptr, block_starts_ptr, t, block, block_
                                + tl.sum(_pow(magnitude * power * inv_max, norm_type, NORM_KIND), 0))
             running_max = new_max
         else:
-            lane_max = tl.maximum(lane_max, magnitude, propagate_nan=tl.PropagateNan.ALL)
             if NORM_KIND != 0:
-                lane_sum += _pow(magnitude, norm_type, NORM_KIND)
+                lane_sum += _pow(magnitude, norm_type, NORM_KIND)  # NaN or Inf if any value is
+            else:
+                lane_sum += magnitude * 0.0  # NaN where a value is NaN or Inf
+            if ALIGNED:
+                lane_max = tl.maximum(lane_max, magnitude)
+            else:  # the per-element addresses of unaligned loads take the registers: the max reduced per block
+                running_max = tl.maximum(running_max, tl.max(magnitude, 0))
         block += 1
     if not EXACT:
-        running_max = tl.max(lane_max, 0)
-        running_sum = tl.sum(lane_sum + lane_max * 0.0, 0)  # NaN where a lane met NaN or Inf
+        running_max = tl.maximum(running_max, tl.max(lane_max, 0))
+        running_sum = tl.sum(lane_sum, 0)
     return running_max, running_sum, nan_count, inf_count
 
 
@@ -206,6 +211,9 @@ def grad_norm_finalize_kernel(
         part_max = tl.load(partial_max_ptr + idx, mask=mask, other=0.0)
         part_sum = tl.load(partial_sum_ptr + idx, mask=mask, other=0.0)
         total += tl.sum(part_sum * _pow(part_max * power * inv_max, norm_type, NORM_KIND), 0)
+    for start in range(0, n_partials, BLOCK_SIZE):  # a loop of its own: fewer registers (no spill, triton 3.6)
+        idx = start + tl.arange(0, BLOCK_SIZE)
+        mask = idx < n_partials
         nan_count += tl.sum(tl.load(nan_count_ptr + idx, mask=mask, other=0).to(tl.int64), 0)
         inf_count += tl.sum(tl.load(inf_count_ptr + idx, mask=mask, other=0).to(tl.int64), 0)
     if NORM_KIND == 0:
