@@ -26,7 +26,7 @@ from . import cross_entropy, grad_norm, normalizers, sanitize, scale, softmax
 
 # compute capability -> multiprocessors of the flagship card (A100, H100 SXM), for the launchers' grids
 ARCHS = {80: 108, 90: 132}
-CLASS_COUNTS = (1000, 1001, 32_000, 128_256, 262_144)
+CLASS_COUNTS = (1000, 1001, 32_000, 50_257, 128_256, 262_144)  # 50,257: GPT-2; 128,256: Llama 3
 ROW_COUNTS = (8192, 64)  # one program per row; rows split across programs
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,7 +43,13 @@ class KernelReport:
     shared_bytes: int
     loads_16_byte: int  # LDG.E.128 instructions
     loads_narrower: int  # every other global load
+    loop_instructions: tuple  # SASS instructions per element (per thread) of each main loop, in code order
     examples: list  # the shipped problems that launch this configuration
+
+    @property
+    def instructions_per_element(self):
+        """Instructions per element of all main loops together: what one element costs the issue slots."""
+        return sum(self.loop_instructions)
 
 
 def _nvidia_tool(name):
@@ -100,8 +106,73 @@ def _compile(kernel, signature_items, constexpr_items, attr_items, num_warps, ar
     return compiled.asm["cubin"], compiled.metadata.shared
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LOAD_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def _load_bytes(instruction):
+    width = re.search(r"LDG\.E(?:\.\w+)*", instruction).group(0).split(".")[-1]
+    return _LOAD_BYTES.get(width, 4)
+
+
+def main_loop_lengths(sass, min_load_bytes, block_size):
+    """(instructions, blocks) of one pass through each main loop of the SASS: the outermost loops (backward
+    branches) whose body loads at least min_load_bytes per thread (the streamed elements; small loops over a
+    few scalars do not), counted along the shortest path through the body (an if/else executes one side: the
+    unmasked block is the common one). An inner loop is counted once. blocks: how many BLOCK_SIZE steps one
+    pass makes (ptxas unrolls some loops 4 times), from the step of the counter the loop's branch tests."""
+    code = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
+    code = [(a, t) for a, t in code if not t.startswith("NOP")]
+    branches = [(a, int(m.group(1), 16), t.startswith("BRA"))
+                for a, t in code if (m := re.search(r"\bBRA(?:\.\w+)* 0x([0-9a-f]+)", t))]
+    loops = [(target, a) for a, target, _ in branches if target < a]
+    outermost = [(t, e) for t, e in loops if not any(t2 <= t and e <= e2 and (t2, e2) != (t, e) for t2, e2 in loops)]
+    lengths = []
+    for start, end in sorted(outermost):
+        body = [(a, t) for a, t in code if start <= a <= end]
+        if sum(_load_bytes(t) for _, t in body if "LDG" in t) < min_load_bytes:
+            continue
+        jumps = {a: (target, unconditional) for a, target, unconditional in branches}
+        # shortest path from the first instruction to the loop's branch over forward edges
+        distance = {start: 1}
+        for index, (a, _) in enumerate(body):
+            if a not in distance:
+                continue
+            successors = []
+            target, unconditional = jumps.get(a, (None, False))
+            if target is not None and a < target <= end:
+                successors.append(target)
+            if not unconditional and index + 1 < len(body):
+                successors.append(body[index + 1][0])
+            for b in successors:
+                distance[b] = min(distance.get(b, 1 << 30), distance[a] + 1)
+        lengths.append((distance.get(end, len(body)), _unrolled(body, block_size)))
+    return lengths
+
+
+def _unrolled(body, block_size):
+    """BLOCK_SIZE steps per pass of a loop: the increment of the register its closing branch tests, in blocks."""
+    predicate = re.match(r"@!?(U?P\d)", body[-1][1])
+    if predicate is None:
+        return 1
+    name = predicate.group(1)
+    moved = [t for _, t in body if re.match(rf"PLOP3\S* {name},", t)]  # a uniform predicate copied over
+    if moved and re.search(r"\bUP\d\b", moved[-1]):
+        name = re.search(r"\b(UP\d)\b", moved[-1]).group(1)
+    tests = [t for _, t in body if re.match(rf"U?ISETP\S* {name},", t)]
+    registers = re.findall(r"\bU?R\d+\b", tests[-1]) if tests else []
+    for register in registers:
+        for _, t in body:
+            step = re.match(rf"U?IADD3 {register}, (?:{register}, (0x[0-9a-f]+)|(0x[0-9a-f]+), {register})", t)
+            if step:
+                value = int(step.group(1) or step.group(2), 16)
+                if value % block_size == 0:
+                    return value // block_size
+    return 1
+
+
 def _resources(cubin):
-    """(registers, spill instructions, 16-byte loads, narrower loads) of the cubin Triton built.
+    """(registers, spill instructions, 16-byte loads, narrower loads, SASS) of the cubin Triton built.
 
     Registers from `cuobjdump -res-usage`; spills are the local-memory stores and loads (STL/LDL) in the
     SASS, loads the LDG instructions by width.
@@ -116,7 +187,18 @@ def _resources(cubin):
     spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     loads = re.findall(r"\bLDG\.E[.\w]*", sass)
     wide = sum(load.endswith(".128") for load in loads)
-    return registers, spills, wide, len(loads) - wide
+    return registers, spills, wide, len(loads) - wide, sass
+
+
+_ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "i64": 8, "i32": 4, "u8": 1}
+
+
+def _elements_per_thread(signature, constexprs, num_warps):
+    """(elements one thread handles per loop iteration, bytes of the narrowest streamed element)."""
+    sizes = [_ELEMENT_BYTES[kind[1:]] for kind in signature.values() if kind[1:] in _ELEMENT_BYTES]
+    if "DTYPE" in constexprs:  # the clip kernels stream through a table of pointers of this dtype
+        sizes.append(_ELEMENT_BYTES[str(constexprs["DTYPE"])])
+    return max(1, constexprs.get("BLOCK_SIZE", 32 * num_warps) // (32 * num_warps)), min(sizes or [4])
 
 
 def shipped_launches(n_sms):
@@ -192,23 +274,84 @@ def check(archs=(90, 80), progress=None):
                    tuple((k, tuple(tuple(a) for a in v)) for k, v in sorted(attrs.items())), launch.num_warps, arch)
             if key not in reports:
                 cubin, shared = _compile(*key)
-                registers, spills, wide, narrow = _resources(cubin)
+                registers, spills, wide, narrow, sass = _resources(cubin)
                 aligned = tuple(launch.kernel.params[i].name for (i,) in sorted(attrs))
+                per_thread, element_bytes = _elements_per_thread(signature, constexprs, launch.num_warps)
+                loops = tuple(round(n / (per_thread * blocks), 2) for n, blocks in main_loop_lengths(
+                    sass, per_thread * element_bytes, constexprs.get("BLOCK_SIZE", 0) or 1 << 40))
                 reports[key] = KernelReport(launch.kernel.fn.__name__, arch, launch.num_warps, constexprs, aligned,
-                                            registers, spills, shared, wide, narrow, [])
+                                            registers, spills, shared, wide, narrow, loops, [])
                 if progress:
                     progress(reports[key])
             reports[key].examples.append(example)
     return list(reports.values())
 
 
-def format_report(reports):
-    """A markdown table: one row per compiled configuration."""
+def _launch_name(r, example):
+    aligned = {True: " aligned", False: " unaligned"}.get(r.constants.get("ALIGNED"), "")  # the clip's two tables
+    return f"{r.kernel} sm{r.arch} {example}{aligned}"
+
+
+def loop_costs(reports):
+    """{"kernel sm example": main-loop instructions per element} for every shipped launch: what a later
+    format_report(before=...) compares against."""
+    return {_launch_name(r, example): list(r.loop_instructions) for r in reports for example in r.examples}
+
+
+def _before(r, before):
+    for example in r.examples:
+        loops = before.get(_launch_name(r, example))
+        if loops is not None:
+            return " + ".join(f"{x:g}" for x in loops) or "-"
+    return "?"
+
+
+def format_report(reports, before=None):
+    """A markdown table: one row per compiled configuration; with `before` (loop_costs of an earlier build),
+    the main-loop instructions per element then and now."""
     lines = ["| kernel | sm | warps | regs | spills | smem B | 16-byte loads | narrower loads | aligned stream | "
-             "constexprs | launched for, e.g. |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             + ("instr/elem before | " if before is not None else "") + "instr/elem per main loop | "
+             "constexprs | launched for, e.g. |", "|---|---|---|---|---|---|---|---|---|---|---|---|"
+             + ("---|" if before is not None else "")]
     for r in sorted(reports, key=lambda r: (r.kernel, -r.arch, str(r.constants), r.aligned_args)):
         constants = " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in r.constants.items())
+        loops = " + ".join(f"{x:g}" for x in r.loop_instructions) or "-"
         lines.append(f"| {r.kernel} | {r.arch} | {r.num_warps} | {r.registers} | {r.spills} | {r.shared_bytes} | "
                      f"{r.loads_16_byte} | {r.loads_narrower} | {'yes' if streams_aligned_data(r) else 'no'} | "
+                     + (f"{_before(r, before)} | " if before is not None else "") + f"{loops} | "
                      f"{constants} | {r.examples[0]} (+{len(r.examples) - 1} more) |")
     return "\n".join(lines)
+
+
+def main(argv=None):
+    """python -m nanfuse.kernels.aot_check [--arch 90] [--before loops.json] [--save-loops loops.json] [--out t.md]"""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS), help="default: 90 and 80")
+    parser.add_argument("--before", help="loop costs saved by --save-loops from an earlier build, for comparison")
+    parser.add_argument("--save-loops", help="write this build's main-loop costs (JSON) here")
+    parser.add_argument("--out", help="write the markdown table here (default: print it)")
+    args = parser.parse_args(argv)
+    reports = check(archs=tuple(args.arch or (90, 80)))
+    if args.save_loops:
+        with open(args.save_loops, "w") as f:
+            json.dump(loop_costs(reports), f, indent=0, sort_keys=True)
+    before = None
+    if args.before:
+        with open(args.before) as f:
+            before = json.load(f)
+    table = format_report(reports, before)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    else:
+        print(table)
+    spilling = [(r.kernel, r.arch, r.examples[0], r.spills) for r in reports if r.spills]
+    print(f"triton {triton.__version__}: {len(reports)} configurations, spilling: {spilling or 'none'}")
+    return 1 if spilling else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,18 +14,42 @@ _INTERPRETER_LOCK = threading.Lock()
 # Compiled kernels round fp32 -> bf16 to nearest even with one hardware conversion; only the interpreter
 # (whose cast truncates) needs the rounding done by hand. A constexpr, so compiled code never carries it.
 INTERPRETING: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# exp(x) = exp2(x log2(e)): tl.exp compiles to 5 SASS instructions (a non-flushing ex2 with range fix-ups),
+# tl.exp2 of an argument scaled here to 1 MUFU.EX2 and the scaling multiply, often fused into an FFMA
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def tanh(y):
     """tanh in fp32 from exp, exact at +-inf; a short series near 0 avoids the 1 - e**-2|y| cancellation."""
     a = tl.abs(y)
-    e = tl.exp(-2.0 * a)
+    e = tl.exp2(a * (-2.0 * LOG2E))
     far = (1.0 - e) / (1.0 + e)
     y2 = y * y
     near = a * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0))))
     r = tl.where(a < 0.1, near, far)
     return tl.where(y < 0, -r, r)
+
+
+@triton.jit
+def lane_softmax_stats(m_lane, s_lane, x):
+    """One step of a per-lane online softmax: each lane's running max and sum of exp(x - max) take x in.
+
+    Per element one exp2: with d = x - m_lane, exp(-|d|) either rescales the lane's sum (d > 0: the max moves
+    to x) or is x's term. Start from m_lane = -FLT_MAX (not -inf, so that d is never -inf - -inf) and s_lane = 0;
+    combine the lanes once at the end with combine_softmax_stats.
+    """
+    d = x - m_lane
+    e = tl.exp2(tl.abs(d) * -LOG2E)
+    return tl.maximum(m_lane, x), tl.where(d > 0.0, s_lane * e + 1.0, s_lane + e)
+
+
+@triton.jit
+def combine_softmax_stats(m_lane, s_lane):
+    """(max, sum of exp(x - max)) of everything the lanes took in; the max is -inf where that was all -inf."""
+    m = tl.max(m_lane, 0)
+    s = tl.sum(s_lane * tl.exp2((m_lane - m) * LOG2E), 0)
+    return tl.where(s == 0.0, float("-inf"), m), s
 
 
 @triton.jit

@@ -6,11 +6,21 @@ coefficients a_c (target weight, smoothing, probability targets) and A = sum_c a
 
 Memory passes over N x C logits of B bytes (all math in fp32, no N x C fp32 buffer):
 - forward with the gradient (fp32 reduction mean/sum): a program streams its row twice back to back
-  (online max and sum-exp, then loss and gradient; the second read is meant to hit L2) and writes
-  the gradient once: 2B from DRAM.
-- forward without the gradient: B (2B with label smoothing or probability targets).
+  (per-lane max and sum-exp, then loss and gradient) and writes the gradient once. The second read comes
+  from L2 only while the rows in flight fit there: at 16 warps and about 40 registers, 3 programs per SM,
+  396 rows on an H100 (50 MB L2), 324 on an A100 (40 MB). DRAM bytes at N = 8192:
+    bf16 C = 32,000 (B = 0.52 GB): 396 x 64 KB = 25 MB in flight, 2B = 1.05 GB;
+    bf16 C = 50,257 (B = 0.82 GB): 40 MB, at the L2's size: between 2B and 3B (1.6-2.5 GB);
+    bf16 C = 128,256 (B = 2.1 GB): 396 x 256 KB = 102 MB, the second read misses: 3B = 6.3 GB;
+    fp32 C = 32,000 (B = 1.05 GB): 51 MB: close to 3B = 3.1 GB.
+  (Rows in flight sized from the L2, a persistent row loop, would bring the large vocabularies to 2B.)
+- forward without the gradient: B (2B, as above, with label smoothing or probability targets).
 - backward that recomputes the gradient (reduction='none', and half-precision mean/sum with the upstream
   factor folded in before the one rounding): B read + B written, from the saved per-row max and sum-exp.
+  An ignored row's gradient is written as zeros without reading its logits.
+Per element the main loops cost about 12 SASS instructions for the statistics (one MUFU.EX2: exp2 with
+log2(e) folded in) and 8 for the gradient, 20 in all against 38 before (kernels/aot_check.py counts them);
+the target's -a_y is applied once per row, after the sweep.
 When there are too few rows to fill the GPU, rows are split into column chunks: one launch writes
 each chunk's max and sum-exp, the second combines them per row (the partials are N x chunks floats).
 lse is kept as (max, log sum-exp) throughout, so lse - x stays exact for large logits.
@@ -23,7 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Launch, cdiv, next_power_of_2, tanh, warps_for_block
+from .common import (
+    LOG2E,
+    Launch,
+    cdiv,
+    combine_softmax_stats,
+    lane_softmax_stats,
+    next_power_of_2,
+    tanh,
+    warps_for_block,
+)
 
 
 @triton.jit
@@ -59,23 +78,36 @@ def _chunk_stats(logits_row_ptr, target_row_ptr, weight_ptr, col_start, col_end,
                  smoothing, logit_scale, softcap,
                  HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr):
-    """Online max m and sum_c exp(x_c - m) of columns [col_start, col_end); for probability targets, sum_c a_c."""
-    m = tl.full([], float("-inf"), tl.float32)  # running max
-    s = tl.full([], 0.0, tl.float32)  # running sum of exp(x - m)
+    """Max m and sum_c exp(x_c - m) of columns [col_start, col_end) (m = -inf and sum 0 when all are -inf); for
+    probability targets, sum_c a_c. Each lane keeps its own running max and sum (one exp2 per element), combined
+    once after the loop: no block-wide reduction per block."""
+    m_lane = tl.full([BLOCK_SIZE], -3.4028234663852886e38, tl.float32)
+    s_lane = tl.zeros([BLOCK_SIZE], tl.float32)
     mass = tl.full([], 0.0, tl.float32)
     for start in range(col_start, col_end, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < col_end
         x = _load_logits(logits_row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        # While every logit so far is -inf, m_new is -inf and exp(-inf - -inf) is NaN: shift by 0.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
-        m = m_new
+        m_lane, s_lane = lane_softmax_stats(m_lane, s_lane, x)
         if PROB_TARGET:
+            # reduced per block: a third per-lane vector spills with triton 3.6 (fp16, sm_90)
             mass += tl.sum(_dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
                                        PROB_TARGET, HAS_WEIGHT), 0)
+    m, s = combine_softmax_stats(m_lane, s_lane)
     return m, s, mass
+
+
+@triton.jit
+def _gradient(x, a, shift, log_s2, grad_p, grad_a, softcap, HAS_SOFTCAP: tl.constexpr, DENSE: tl.constexpr):
+    """dloss/dlogit = (grad_p p - grad_a a) (1 - tanh^2 with a softcap), p = exp2((x - shift) log2(e) - log_s2);
+    grad_p and grad_a carry the reduction's factor, logit_scale and a bad target's NaN."""
+    g = grad_p * tl.exp2((x - shift) * LOG2E - log_s2)
+    if DENSE:
+        g -= grad_a * a
+    if HAS_SOFTCAP:
+        # d softcap*tanh(u/softcap) / du = 1 - tanh^2; zero where x was -inf
+        g *= tl.where(x == float("-inf"), 0.0, 1.0 - (x / softcap) * (x / softcap))
+    return g
 
 
 @triton.jit
@@ -191,7 +223,8 @@ def cross_entropy_kernel(
             part_max = tl.load(part_max_ptr + row * n_parts + k)
             m_new = tl.maximum(m, part_max)
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - shift) + tl.load(part_sum_ptr + row * n_parts + k) * tl.exp(part_max - shift)
+            s = (s * tl.exp2((m - shift) * LOG2E)
+                 + tl.load(part_sum_ptr + row * n_parts + k) * tl.exp2((part_max - shift) * LOG2E))
             m = m_new
             if PROB_TARGET:
                 mass += tl.load(part_mass_ptr + row * n_parts + k)
@@ -210,46 +243,69 @@ def cross_entropy_kernel(
         z_scale *= upstream
     p_coef = ce_scale * mass + 2.0 * z_scale * z_loss * lse  # dloss/dx_c = p_coef p_c - ce_scale a_c
     poison = tl.where(in_range | ~valid, 0.0, float("nan"))  # bad target: NaN, never a finite guess
-    if WRITE_LOSS and not PROB_TARGET and GRAD_IN_PLACE:
+    grad_p = p_coef * logit_scale + poison
+    grad_a = ce_scale * logit_scale + poison
+    log_s2 = log_s * LOG2E
+    if not PROB_TARGET and GRAD_IN_PLACE:
         # the sweep overwrites the logits with the gradient: read the target's logit first (otherwise it is
         # read after the sweep, so that it does not hold a register across the loop)
         x_y = _load_logits(logits_row_ptr, y, y < n_classes, logit_scale, softcap, HAS_SOFTCAP)
         # other warps of this program store into the row below: order this load before all of them
         tl.debug_barrier()
 
-    # 3. one sweep over the chunk: dense loss terms and the gradient
-    dense_loss = tl.full([], 0.0, tl.float32)
-    if WRITE_GRAD or SMOOTHING or PROB_TARGET:
-        grad_row_ptr = grad_ptr + row * grad_row_stride
+    # 3. one sweep over the chunk: dense loss terms and the gradient (an ignored row's is 0, its logits unread)
+    # per lane and reduced once, except for fp32 probability targets, where that vector spills (unaligned rows,
+    # triton 3.9) and the loss is reduced per block (doing that everywhere spills elsewhere with triton 3.6)
+    PER_BLOCK: tl.constexpr = PROB_TARGET and logits_ptr.dtype.element_ty == tl.float32
+    if PER_BLOCK:
+        dense_loss = tl.full([], 0.0, tl.float32)
+    else:
+        dense_loss = tl.zeros([BLOCK_SIZE], tl.float32)
+    grad_row_ptr = grad_ptr + row * grad_row_stride
+    if valid:
+        if WRITE_GRAD or SMOOTHING or PROB_TARGET:
+            for start in range(col_start, col_end, BLOCK_SIZE):
+                cols = start + tl.arange(0, BLOCK_SIZE)
+                mask = cols < col_end
+                x = _load_logits(logits_row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP)
+                a = 0.0
+                if SMOOTHING or PROB_TARGET:
+                    a = _dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
+                                    PROB_TARGET, HAS_WEIGHT)
+                    # a_c = 0 adds nothing, also where x_c = -inf (0 * inf is NaN)
+                    gap = tl.where(a != 0.0, _weighted_gap(a, shift, x, log_s), 0.0)
+                    if PER_BLOCK:
+                        dense_loss += tl.sum(gap, 0)
+                    else:
+                        dense_loss += gap
+                if WRITE_GRAD:
+                    g = _gradient(x, a, shift, log_s2, grad_p, grad_a, softcap, HAS_SOFTCAP, SMOOTHING or PROB_TARGET)
+                    tl.store(grad_row_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    elif WRITE_GRAD:
         for start in range(col_start, col_end, BLOCK_SIZE):
             cols = start + tl.arange(0, BLOCK_SIZE)
-            mask = cols < col_end
-            x = _load_logits(logits_row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP)
-            if SMOOTHING or PROB_TARGET:
-                a = _dense_coef(target_row_ptr, weight_ptr, cols, mask, smoothing, n_classes,
-                                PROB_TARGET, HAS_WEIGHT)
-                # a_c = 0 adds nothing, also where x_c = -inf (0 * inf is NaN)
-                dense_loss += tl.sum(tl.where(a != 0.0, _weighted_gap(a, shift, x, log_s), 0.0), 0)
-            if WRITE_GRAD:
-                g = p_coef * tl.exp((x - shift) - log_s)
-                if SMOOTHING or PROB_TARGET:
-                    g -= ce_scale * a
-                if not PROB_TARGET:
-                    # the target's p - 1 is formed here in fp32, before the single store
-                    g = tl.where(cols == y, g - ce_scale * target_coef, g)
-                g *= logit_scale
-                if HAS_SOFTCAP:
-                    # d softcap*tanh(u/softcap) / du = 1 - tanh^2; zero where x was -inf
-                    g *= tl.where(x == float("-inf"), 0.0, 1.0 - (x / softcap) * (x / softcap))
-                g = tl.where(valid, g + poison, 0.0)
-                tl.store(grad_row_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_row_ptr + cols, tl.zeros([BLOCK_SIZE], grad_ptr.dtype.element_ty), mask=cols < col_end)
+    if not PROB_TARGET:
+        if not GRAD_IN_PLACE:
+            x_y = _load_logits(logits_row_ptr, y, y < n_classes, logit_scale, softcap, HAS_SOFTCAP)
+        if WRITE_GRAD:
+            # the target's -a_y, once per row: the sweep stored its element without it
+            a_y = target_coef
+            if SMOOTHING:
+                a_y += _dense_coef(target_row_ptr, weight_ptr, y, y < n_classes, smoothing, n_classes,
+                                   PROB_TARGET, HAS_WEIGHT)
+            g_y = _gradient(x_y, a_y, shift, log_s2, grad_p, grad_a, softcap, HAS_SOFTCAP, True)
+            tl.debug_barrier()  # after every warp's stores of the sweep
+            tl.store(grad_row_ptr + y, g_y.to(grad_ptr.dtype.element_ty),
+                     mask=valid & in_range & (y >= col_start) & (y < col_end))
 
     # 4. this chunk's share of the row loss, already normalised for the reduction
     if WRITE_LOSS:
-        ce = dense_loss
+        if PER_BLOCK:
+            ce = dense_loss
+        else:
+            ce = tl.sum(dense_loss, 0)
         if not PROB_TARGET:
-            if not GRAD_IN_PLACE:
-                x_y = _load_logits(logits_row_ptr, y, y < n_classes, logit_scale, softcap, HAS_SOFTCAP)
             owns_target = (y >= col_start) & (y < col_end) & (target_coef != 0.0)
             ce += tl.where(owns_target, _weighted_gap(target_coef, shift, x_y, log_s), 0.0)
         loss = tl.where(ce_scale != 0.0, ce_scale * ce, 0.0)

@@ -508,3 +508,16 @@ def test_the_coefficient_is_exact_down_to_fp32_smallest_normal_and_bounded_below
         bound = 2.0**-23 if coef >= 2.0**-126 else 2.0**-150 / coef + 2.0**-23
         assert abs(p.grad[0].item() - want) <= bound * want, (max_norm, p.grad[0].item(), want)
     assert p.grad.eq(0).all()  # a coefficient under 2**-150 rounds to 0
+
+
+@pytest.mark.parametrize("scale", [2.0**-39, 2.0**-41, 2.0**62, 2.0**64, 3e38])
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+def test_cheap_and_exact_partials_agree_around_their_thresholds(scale, norm_type, device):
+    # issue 14: a program's plain sum of g**2 is trusted only when finite and (p = 2) its max is at least 2**-40;
+    # otherwise its range is re-read by the exact scaled loop. Either side of both limits the norm is right.
+    grads = [(torch.rand(5000, device=device) * 2 - 1) * scale, torch.full((9,), scale / 3, device=device)]
+    grads[0][7] = scale  # the max, exactly
+    ref = grad_norm_ref(grads, norm_type)
+    report = nanfuse.grad_norm_check([g.clone() for g in grads], 1.0, norm_type)
+    assert report.found_inf.item() == 0.0 and report.nonfinite_count.item() == 0
+    assert_close(report.total_norm, ref.clamp(max=torch.finfo(torch.float32).max), torch.float32, "norm")
