@@ -804,3 +804,98 @@ def test_rng_state_is_captured_for_the_devices_of_the_parameters(monkeypatch):
     model = sequential(torch.nn.ReLU())
     monkeypatch.setattr(model, "parameters", lambda: iter([Stub("cuda:1"), Stub("cpu")]))
     assert _cuda_devices(model, [torch.zeros(1), Stub("cuda:0")]) == {0, 1}
+
+
+class RunningMean(torch.nn.Module):
+    """A registered buffer reassigned (not changed in place) by each call, and a list the forward appends to."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4)
+        self.register_buffer("mean", torch.zeros(6))
+        self.sizes = []
+
+    def forward(self, x):
+        self.mean = 0.9 * self.mean + 0.1 * x.detach().nan_to_num().mean(0)
+        self.sizes.append(x.shape[0])
+        return self.head(torch.tanh(self.first(x - self.mean)))
+
+
+def _running_mean_run(with_watch, seen=None):
+    torch.manual_seed(0)
+    model = RunningMean()
+    if seen is not None:
+        model.head.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    if with_watch:
+        watch, guard = watched(model)
+    else:
+        guard = nanfuse.NanGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1.0)
+    for step in range(4):
+        x, y = batch(step)
+        if step == 1:
+            x[3, 2] = float("nan")
+        train_step(model, guard, x, y)
+    return model, watch.report() if with_watch else None
+
+
+def test_a_reassigned_buffer_and_an_appended_list_are_put_back_after_a_replay():
+    (watched_model, report), (plain_model, _) = _running_mean_run(True), _running_mean_run(False)
+    assert (report.step, report.cause, report.rows) == (1, "bad input data", [3])
+    torch.testing.assert_close(watched_model.mean, plain_model.mean, rtol=0, atol=0)
+    assert watched_model.sizes == plain_model.sizes == [8] * 4
+    for a, b in zip(watched_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_replay_sees_a_reassigned_buffer_as_the_step_did():
+    seen = []
+    _running_mean_run(True, seen)
+    assert len(seen) == 5  # four steps and step 1's replay
+    torch.testing.assert_close(seen[2], seen[1], rtol=0, atol=0, equal_nan=True)
+
+
+class AuxiliaryOutput(torch.nn.Module):
+    """Two outputs; the second (a NaN/Inf diagnostic) never reaches the loss."""
+
+    def __init__(self, aux):
+        super().__init__()
+        self.head, self.aux, self.kind = torch.nn.Linear(6, 4), torch.nn.Linear(6, 1), aux
+
+    def forward(self, x):
+        aux = self.aux(x)
+        return self.head(x), torch.log(aux) if self.kind == "nan" else aux * 1e30 * 1e30
+
+
+@pytest.mark.parametrize("aux", ["nan", "inf"])
+def test_a_non_finite_output_the_loss_does_not_use_is_not_blamed(aux):
+    torch.manual_seed(0)
+    model = AuxiliaryOutput(aux)
+    watch, guard = watched(model)
+    x, y = batch(0)
+    logits = model(x)[0] * 1000  # finite logits; -log(softmax) of a saturated row is the bad step's cause
+    (-torch.log(torch.softmax(logits, 1)).gather(1, y[:, None]).mean()).backward()
+    guard.step()
+    report = watch.report()
+    assert (report.phase, report.cause) == ("loss", "unstable loss"), str(report)
+
+
+def test_a_minus_inf_input_row_that_reaches_a_weight_gradient_is_bad_input_data():
+    model = sequential(torch.nn.ReLU())  # Linear, Tanh: the forward absorbs the -inf, the weight gradient does not
+    watch, guard = watched(model)
+    x, y = batch(0)
+    x[4, 1] = float("-inf")
+    train_step(model, guard, x, y)
+    report = watch.report()
+    assert (report.phase, report.cause, report.rows) == ("input", "bad input data", [4]), str(report)
+
+
+def test_a_nan_target_of_a_float_loss_is_an_unstable_loss_with_its_rows():
+    model = sequential(torch.nn.ReLU())
+    watch, guard = watched(model)
+    x, _ = batch(0)
+    target = torch.randn(8, 4)
+    target[5, 1] = float("nan")  # the watch sees the model's arguments only, not the loss's target
+    train_step(model, guard, x, target, torch.nn.functional.mse_loss)
+    report = watch.report()
+    assert (report.phase, report.cause, report.rows) == ("loss", "unstable loss", [5]), str(report)
+    assert "target" in report.explanation

@@ -14,6 +14,7 @@ no .grad changes.
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import inspect
 
@@ -36,12 +37,16 @@ class Capture:
 
 
 _PLAIN = frozenset({dict, collections.OrderedDict, bool, int, float, str, type(None), list, tuple, set})
+_CONTAINERS = frozenset({dict, collections.OrderedDict, list, set})  # their contents are put back after a replay
 
 
 def module_state(model):
     """(tensor attributes, generator attributes) of the model's modules: [(module, name, value)] each."""
     found, generators = [], []
     for module in model.modules():
+        # registered buffers too, by reference: one reassigned by each call (a running mean kept as
+        # `self.mean = ...`) is seen by the replay as the step saw it
+        found += [(module, name, value) for name, value in module._buffers.items() if value is not None]
         for name, value in vars(module).items():
             if type(value) in _PLAIN:  # most of a module's attributes: skipped without an isinstance check
                 continue
@@ -99,6 +104,10 @@ def _as_captured(model, capture):
     cuda_rng = {i: torch.cuda.get_rng_state(i) for i in capture.cuda_rng}
     attributes, generators = module_state(model)
     bindings = [(module, dict(vars(module))) for module in model.modules()]  # every attribute (a step counter)
+    # and the contents of its containers, one level deep: the registered buffers, parameters and submodules (a
+    # buffer reassigned by the forward is rebound there) and a list, dict or set the forward adds to
+    contents = [(value, copy.copy(value)) for _, names in bindings for value in names.values()
+                if type(value) in _CONTAINERS]
     # copied back afterwards; a tensor of the real step's graph only if the replay changed it in place (its version
     # moved), so that step's backward still finds it unchanged (BatchNorm's running statistics keep their version)
     saved = [(t, None if t.requires_grad else -1, t.detach().clone())
@@ -127,6 +136,12 @@ def _as_captured(model, capture):
         for module, names in bindings:
             vars(module).clear()
             vars(module).update(names)
+        for value, saved_value in contents:
+            value.clear()
+            if isinstance(value, list):
+                value.extend(saved_value)
+            else:
+                value.update(saved_value)
         with torch.no_grad():
             for tensor, version, value in saved:
                 if version < 0 or tensor._version != version:
