@@ -151,13 +151,15 @@ def nonfinite_report(step, replay, values, scale=None):
     detail = f" (scale {scale:g})" if overflow else ""
     cause = "loss-scale overflow" if overflow else None
     if _bad(values, replay.output_grads):
-        slot = _bad(values, replay.output_grads)[0]
+        index = next(i for i, slot in enumerate(replay.output_grads) if _bad(values, [slot]))
+        slot, rows_slot = replay.output_grads[index], (replay.output_grad_rows or [None] * (index + 1))[index]
+        rows = None if rows_slot is None else [i for i, bad in enumerate(values[rows_slot]) if bad]
         return make_report(step, "loss", cause or "unstable loss", "", replay.slots.labels[slot],
-                           _count(values, slot), detail, call=replay.call)
+                           _count(values, slot), detail, call=replay.call, rows=rows, sample_dim=replay.sample_dim)
     found = _backward_producer(replay, values)
     if found is not None:
         name, slot, label = found
-        absorbed = _absorbed(step, replay, values, name)
+        absorbed = _absorbed(step, replay, values, name, label.endswith(".grad"))
         if absorbed is not None:
             return absorbed
         return make_report(step, "backward", cause or "exploding gradients", name, label, _count(values, slot), detail,
@@ -167,10 +169,12 @@ def nonfinite_report(step, replay, values, scale=None):
     return make_report(step, None, "not reproduced", None, None, 0, call=replay.call)
 
 
-def _absorbed(step, replay, values, name):
+def _absorbed(step, replay, values, name, parameter):
     """A non-finite forward value the forward absorbed but the backward did not (a NaN input masked out after a
-    Linear still makes its weight gradient NaN): blame where that value came from, not the backward."""
-    kinds = (NAN, POSINF)  # -Inf is taken for a mask (an additive attention mask among the inputs)
+    Linear still makes its weight gradient NaN): blame where that value came from, not the backward. -Inf is
+    taken for a mask (an additive attention mask among the inputs), unless the non-finite gradient is of a
+    `parameter` of that module: an input a weight multiplies (a Linear's) makes its gradient non-finite."""
+    kinds = (NAN, POSINF, NEGINF) if parameter else (NAN, POSINF)
     if not any(_bad(values, ins, kinds) for n, ins, _ in replay.forward if n == name):
         return None
     detail = f" (the forward absorbed it, but it reached the gradients in `{name or 'the model'}`)"

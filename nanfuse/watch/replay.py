@@ -155,13 +155,14 @@ class Replay:
     call: int  # which call of the model in its step (gradient accumulation makes several)
     inputs: list  # (slot, rows slot) per float input of the model call
     forward: list  # (module name, input slots, output slots) in completion order
-    outputs: list  # slots of the model's float outputs
+    outputs: list  # slots of the model's float outputs that a gradient came back to (all of them if none did)
     output_grads: list  # slots of the gradients arriving at the model's outputs
     calls: list  # (module name, the call it was made in or None): every module call of the forward, as started
     backward: list  # (order, call, "in" or "out", slot): gradients at module call inputs and outputs, as fired
     params: dict  # module name -> [(slot, 'name.grad')] for its own parameters
     norms: list  # (slot, parameter name): gradient norm of each parameter
     error: str | None = None
+    output_grad_rows: list = dataclasses.field(default_factory=list)  # rows slot (or None) per output_grads slot
     sample_dim: int = 0  # the dim of the inputs whose bad entries are reported as rows
 
 
@@ -216,10 +217,14 @@ def replay(model, capture, call=0, sample_dim=0):
         with _as_captured(model, capture):
             output = model(*capture.args, **capture.kwargs)
             leaves = tensors(output)
-            floats = [t for t in leaves if t.is_floating_point()]
-            record.outputs = slots.count(floats, _names("model output", floats))
+            # an output no gradient came back to (a diagnostic the loss does not use) cannot have made the step bad
+            used = [t for i, t in enumerate(leaves)
+                    if t.is_floating_point() and (i in capture.output_grads or not capture.output_grads)]
+            record.outputs = slots.count(used, _names("model output", used))
             pairs = [(leaves[i], g) for i, g in sorted(capture.output_grads.items())]
             record.output_grads = slots.count([g for _, g in pairs], _names("gradient arriving at output", pairs))
+            record.output_grad_rows = [None if rows is None else slots.add(rows, "rows")
+                                       for rows in (_rows(g, sample_dim) for _, g in pairs)]
             if pairs and params:
                 grads = torch.autograd.grad([o for o, _ in pairs], [p for _, p in params], [g for _, g in pairs],
                                             allow_unused=True)
