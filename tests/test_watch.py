@@ -899,3 +899,14 @@ def test_a_nan_target_of_a_float_loss_is_an_unstable_loss_with_its_rows():
     report = watch.report()
     assert (report.phase, report.cause, report.rows) == ("loss", "unstable loss", [5]), str(report)
     assert "target" in report.explanation
+
+
+def test_a_weight_already_non_finite_is_named_in_the_report():
+    model = sequential(torch.nn.Linear(8, 8))
+    with torch.no_grad():
+        model[2].weight[1, 1] = float("nan")  # as loaded from a corrupt checkpoint
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.phase, report.cause, report.module) == ("forward", "unstable activation", "2"), str(report)
+    assert "its parameter `weight` already holds 1 NaN/Inf" in report.explanation

@@ -80,8 +80,11 @@ def _forward_report(step, replay, values, kinds):
     name, _, outs = forward[index]
     slot = (_bad(values, outs, kinds) or _bad(values, outs))[0]
     later = [n for n, _, o in forward[index + 1:] if _bad(values, o) and not _is_inside(name, n)]
+    corrupt = [(label, int(_count(values, s))) for s, label in replay.param_values.get(name, []) if _bad(values, [s])]
+    detail = "".join(f" (its parameter `{label}` already holds {count} NaN/Inf values: the weights were corrupt "
+                     "before this step, loaded so or changed outside the guard)" for label, count in corrupt[:1])
     return make_report(step, "forward", "unstable activation", name, replay.slots.labels[slot], _count(values, slot),
-                       passed_on=list(dict.fromkeys(later)), call=replay.call)
+                       detail, passed_on=list(dict.fromkeys(later)), call=replay.call)
 
 
 def _backward_producer(replay, values):

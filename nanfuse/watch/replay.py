@@ -163,6 +163,7 @@ class Replay:
     norms: list  # (slot, parameter name): gradient norm of each parameter
     error: str | None = None
     output_grad_rows: list = dataclasses.field(default_factory=list)  # rows slot (or None) per output_grads slot
+    param_values: dict = dataclasses.field(default_factory=dict)  # module name -> [(slot, name)]: its parameters
     sample_dim: int = 0  # the dim of the inputs whose bad entries are reported as rows
 
 
@@ -214,6 +215,9 @@ def replay(model, capture, call=0, sample_dim=0):
             handles += [module.register_forward_pre_hook(pre_hook(name), with_kwargs=True),
                         module.register_forward_hook(post_hook(name), with_kwargs=True)]
         params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        for name, p in model.named_parameters():  # a weight already non-finite (a corrupt checkpoint)
+            owner, _, leaf = name.rpartition(".")
+            record.param_values.setdefault(owner, []).append((slots.count([p], [leaf])[0], leaf))
         with _as_captured(model, capture):
             output = model(*capture.args, **capture.kwargs)
             leaves = tensors(output)
