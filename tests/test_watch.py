@@ -910,3 +910,19 @@ def test_a_weight_already_non_finite_is_named_in_the_report():
     report = watch.report()
     assert (report.phase, report.cause, report.module) == ("forward", "unstable activation", "2"), str(report)
     assert "its parameter `weight` already holds 1 NaN/Inf" in report.explanation
+
+
+def test_host_and_device_histories_agree_after_a_skipped_step(monkeypatch):
+    # the history holds the latest `history` finite norms on both: a skipped step must not keep an older one alive
+    scales = [100.0, 1.0, 100.0, 1.0, float("nan"), 100.0, 1e5]
+    jumps = []
+    for deferred in (False, True):
+        with monkeypatch.context() as patch:
+            if deferred:
+                defer_reads(patch)
+            model = sequential(torch.nn.ReLU())
+            watch, guard = watched(model, history=4, min_history=4, keep=8)
+            for step, scale in enumerate(scales):
+                train_step(model, guard, *batch(0), lambda out, t, s=scale: s * nanfuse.cross_entropy(out, t))
+            jumps.append([(r.step, round(r.numbers["median"], 3)) for r in watch.reports() if r.numbers])
+    assert jumps[0] == jumps[1] and [step for step, _ in jumps[0]] == [6], jumps

@@ -90,7 +90,7 @@ class NanWatch:
         self.history_length, self.copy_inputs, self.sample_dim = history, copy_inputs, sample_dim
         self.steps, self._dropped = 0, []
         self._calls, self._pending, self._replays, self._reports = [], [], [], {}
-        self._history = self._record = None
+        self._history = self._record = self._written = None
         self._host_history = collections.deque(maxlen=history)  # the norms, where reading them is free
         self._replaying = self._warned_unobserved = False
         self._handles = [model.register_forward_pre_hook(self._capture_call, with_kwargs=True),
@@ -176,13 +176,16 @@ class NanWatch:
             # first bad step, last bad step, last jump step, its norm, the median it was compared with
             self._record = torch.tensor([-1.0, -1.0, -1.0, float("nan"), float("nan")], dtype=torch.float64,
                                         device=norm.device)
+            self._written = torch.zeros(1, dtype=torch.int64, device=norm.device)  # finite norms so far
         finite = torch.isfinite(norm)
         median = self._history.nanmedian()
         enough = (~self._history.isnan()).sum() >= self.min_history
         jump = enough & finite & (median > 0) & (norm > self.jump_factor * median)
         found = found_inf.detach().to(norm.device) > 0
-        slot = step % self.history_length
-        self._history[slot] = torch.where(finite, norm, self._history[slot])
+        # the latest `history` finite norms, as on the host: a skipped step does not advance the ring
+        slot = self._written % self.history_length
+        self._history.index_copy_(0, slot, torch.where(finite, norm, self._history.index_select(0, slot)))
+        self._written += finite.long()
         at = torch.full((), float(step), dtype=torch.float64, device=norm.device)
         first_time = found & (self._record[0] < 0)
         self._record = torch.where(torch.stack([first_time, found, jump, jump, jump]),
