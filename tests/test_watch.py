@@ -926,3 +926,31 @@ def test_host_and_device_histories_agree_after_a_skipped_step(monkeypatch):
                 train_step(model, guard, *batch(0), lambda out, t, s=scale: s * nanfuse.cross_entropy(out, t))
             jumps.append([(r.step, round(r.numbers["median"], 3)) for r in watch.reports() if r.numbers])
     assert jumps[0] == jumps[1] and [step for step, _ in jumps[0]] == [6], jumps
+
+
+class LossInForward(torch.nn.Module):
+    """Hugging Face style: given labels, the forward computes the loss and returns it with the logits."""
+
+    def __init__(self, logits_scale, divide=False):
+        super().__init__()
+        self.body, self.scale, self.divide = torch.nn.Linear(6, 4), logits_scale, divide
+
+    def forward(self, x, labels):
+        logits = self.body(x) * self.scale
+        if self.divide:
+            logits = logits / (logits - logits)
+        loss = -torch.log(torch.softmax(logits, 1)).gather(1, labels[:, None]).mean()
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("divide", [False, True], ids=["saturated-loss", "nan-logits"])
+def test_a_loss_computed_in_the_forward_is_an_unstable_loss_when_the_logits_are_finite(divide):
+    torch.manual_seed(0)
+    model = LossInForward(1000.0, divide)
+    watch, guard = watched(model)
+    x, y = batch(0)
+    model(x, y)["loss"].backward()
+    guard.step()
+    report = watch.report()
+    expected = ("forward", "unstable activation") if divide else ("loss", "unstable loss")
+    assert (report.phase, report.cause, report.module) == (*expected, ""), str(report)

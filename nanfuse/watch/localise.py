@@ -142,6 +142,10 @@ def _backward_producer(replay, values):
 def nonfinite_report(step, replay, values, scale=None):
     """NanReport for a step whose gradients were non-finite, from its replay and the slots' values. `scale`: the
     GradScaler's scale of that step (None without one)."""
+    return _loss_in_forward(step, replay, values, _nonfinite_report(step, replay, values, scale))
+
+
+def _nonfinite_report(step, replay, values, scale):
     if _bad(values, replay.outputs, (NAN,)):
         found = _forward_report(step, replay, values, (NAN,))
         if found is not None:
@@ -170,6 +174,17 @@ def nonfinite_report(step, replay, values, scale=None):
     if replay.error:  # say so rather than name a module or cause from a replay that did not finish
         return make_report(step, None, "could not localise", None, None, 0, f": {replay.error}", call=replay.call)
     return make_report(step, None, "not reproduced", None, None, 0, call=replay.call)
+
+
+def _loss_in_forward(step, replay, values, found):
+    """A loss the model's own forward code computed (a 0-dim output, as a Hugging Face model given labels= returns)
+    that went non-finite while every tensor output stayed finite is an unstable loss, not an activation."""
+    bad = _bad(values, replay.outputs)
+    if (found.phase != "forward" or found.module != "" or not bad or any(s not in replay.scalar_outputs for s in bad)
+            or _bad(values, [s for s in replay.outputs if s not in replay.scalar_outputs] + replay.other_outputs)):
+        return found
+    return make_report(step, "loss", "unstable loss", "", replay.slots.labels[bad[0]], _count(values, bad[0]),
+                       " (a loss the model's forward computed: a 0-dim output)", call=replay.call)
 
 
 def _absorbed(step, replay, values, name, parameter):

@@ -164,6 +164,8 @@ class Replay:
     error: str | None = None
     output_grad_rows: list = dataclasses.field(default_factory=list)  # rows slot (or None) per output_grads slot
     param_values: dict = dataclasses.field(default_factory=dict)  # module name -> [(slot, name)]: its parameters
+    scalar_outputs: list = dataclasses.field(default_factory=list)  # the slots of `outputs` that are 0-dim
+    other_outputs: list = dataclasses.field(default_factory=list)  # slots of the float outputs not in `outputs`
     sample_dim: int = 0  # the dim of the inputs whose bad entries are reported as rows
 
 
@@ -225,6 +227,11 @@ def replay(model, capture, call=0, sample_dim=0):
             used = [t for i, t in enumerate(leaves)
                     if t.is_floating_point() and (i in capture.output_grads or not capture.output_grads)]
             record.outputs = slots.count(used, _names("model output", used))
+            # tensor outputs (not 0-dim) that are not among those: a scalar output alone non-finite is a loss computed
+            # in the forward (a Hugging Face model given labels=)
+            record.scalar_outputs = [s for s, t in zip(record.outputs, used) if t.dim() == 0]
+            others = [t for t in leaves if t.is_floating_point() and t.dim() > 0 and all(t is not u for u in used)]
+            record.other_outputs = slots.count(others, _names("model output", others))
             pairs = [(leaves[i], g) for i, g in sorted(capture.output_grads.items())]
             record.output_grads = slots.count([g for _, g in pairs], _names("gradient arriving at output", pairs))
             record.output_grad_rows = [None if rows is None else slots.add(rows, "rows")
