@@ -311,6 +311,10 @@ def test_arguments_are_checked_at_construction():
         nanfuse.NanWatch(model, jump_factor=float("inf"))
     with pytest.raises(TypeError, match="keep"):
         nanfuse.NanWatch(model, keep=1.5)
+    for options, error in ((dict(jump_factor="x"), TypeError), (dict(jump_factor=None), TypeError),
+                           (dict(copy_inputs="yes"), TypeError), (dict(history=0), ValueError)):
+        with pytest.raises(error, match=next(iter(options))):
+            nanfuse.NanWatch(model, **options)
     with pytest.raises(TypeError, match="watch"):
         nanfuse.NanGuard(torch.optim.SGD(model.parameters(), lr=0.1), watch="yes")
 

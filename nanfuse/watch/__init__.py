@@ -74,12 +74,18 @@ class NanWatch:
                  sample_dim=0):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(jump_factor, bool) or not isinstance(jump_factor, (int, float)):
+            raise TypeError(f"jump_factor must be a number, got {type(jump_factor).__name__}")
+        if not isinstance(copy_inputs, bool):
+            raise TypeError(f"copy_inputs must be a bool, got {type(copy_inputs).__name__}")
         if not 1 < jump_factor < math.inf:
             raise ValueError(f"jump_factor must be a finite number > 1, got {jump_factor}")
         for name, value in (("history", history), ("min_history", min_history), ("keep", keep),
                             ("sample_dim", sample_dim)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
         if not 1 <= min_history <= history:
             raise ValueError(f"min_history must be in [1, history={history}], got {min_history}")
         if not keep >= 1:
