@@ -159,7 +159,7 @@ def _nonfinite_report(step, replay, values, scale):
     cause = "loss-scale overflow" if overflow else None
     if _bad(values, replay.output_grads):
         index = next(i for i, slot in enumerate(replay.output_grads) if _bad(values, [slot]))
-        slot, rows_slot = replay.output_grads[index], (replay.output_grad_rows or [None] * (index + 1))[index]
+        slot, rows_slot = replay.output_grads[index], replay.output_grad_rows[index]
         rows = None if rows_slot is None else [i for i, bad in enumerate(values[rows_slot]) if bad]
         return make_report(step, "loss", cause or "unstable loss", "", replay.slots.labels[slot],
                            _count(values, slot), detail, call=replay.call, rows=rows, sample_dim=replay.sample_dim)

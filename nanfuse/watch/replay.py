@@ -227,15 +227,15 @@ def replay(model, capture, call=0, sample_dim=0):
             used = [t for i, t in enumerate(leaves)
                     if t.is_floating_point() and (i in capture.output_grads or not capture.output_grads)]
             record.outputs = slots.count(used, _names("model output", used))
-            # tensor outputs (not 0-dim) that are not among those: a scalar output alone non-finite is a loss computed
-            # in the forward (a Hugging Face model given labels=)
+            # a 0-dim output non-finite while every tensor output (used or not) is finite: a loss computed in the
+            # forward (a Hugging Face model given labels=)
             record.scalar_outputs = [s for s, t in zip(record.outputs, used) if t.dim() == 0]
             others = [t for t in leaves if t.is_floating_point() and t.dim() > 0 and all(t is not u for u in used)]
             record.other_outputs = slots.count(others, _names("model output", others))
             pairs = [(leaves[i], g) for i, g in sorted(capture.output_grads.items())]
+            rows = [None if r is None else slots.add(r, "rows") for r in (_rows(g, sample_dim) for _, g in pairs)]
             record.output_grads = slots.count([g for _, g in pairs], _names("gradient arriving at output", pairs))
-            record.output_grad_rows = [None if rows is None else slots.add(rows, "rows")
-                                       for rows in (_rows(g, sample_dim) for _, g in pairs)]
+            record.output_grad_rows = rows
             if pairs and params:
                 grads = torch.autograd.grad([o for o, _ in pairs], [p for _, p in params], [g for _, g in pairs],
                                             allow_unused=True)
