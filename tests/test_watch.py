@@ -958,3 +958,32 @@ def test_a_loss_computed_in_the_forward_is_an_unstable_loss_when_the_logits_are_
     report = watch.report()
     expected = ("forward", "unstable activation") if divide else ("loss", "unstable loss")
     assert (report.phase, report.cause, report.module) == (*expected, ""), str(report)
+
+
+def _two_guards(bad_step, steps):
+    model = sequential(torch.nn.ReLU())
+    model.register_parameter("tiny", torch.nn.Parameter(torch.zeros(1)))  # a group with ~1e4x smaller gradients
+    watch = nanfuse.NanWatch(model)
+    guards = [nanfuse.NanGuard(torch.optim.AdamW(params, lr=1e-3, fused=True), max_norm=1.0, watch=watch)
+              for params in (list(model.parameters())[:-1], [model.tiny])]
+    for step in range(steps):
+        x, y = batch(step)
+        if step == bad_step:
+            x[2, 3] = float("nan")
+        (nanfuse.cross_entropy(model(x), y) + 1e-4 * model.tiny.sum()).backward()
+        for guard in guards:
+            guard.step()
+            guard.zero_grad()
+    return watch
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["read-at-once", "device-history"])
+def test_two_guards_sharing_a_watch_count_each_step_once_with_a_norm_history_each(deferred, monkeypatch):
+    if deferred:
+        defer_reads(monkeypatch)
+    watch = _two_guards(None, 12)  # clean: mixing the two norm histories made false jumps
+    assert watch.steps == 12 and watch.reports() == []
+    watch = _two_guards(1, 3)
+    report = watch.report()  # the latest: the second guard's view of step 1 is that step, not "not reproduced"
+    assert (report.step, report.cause, report.rows) == (1, "bad input data", [2]), str(report)
+    assert [r.step for r in watch.reports()] == [1]
