@@ -178,7 +178,7 @@ class NanGuard:
                                              self.process_group, inv_scale)
         found_inf = report.found_inf
         if self.watch is not None:  # the scale tells a routine loss-scale overflow from a cause (nanfuse/watch)
-            self.watch.observe(report, None if scaler is None else scaler._scale)
+            self.watch.observe(report, None if scaler is None else scaler._scale, source=self)
         if self._fused():
             factor = report.clip_coef.double() if inv_scale is None else report.clip_coef.double() * inv_scale
             if self.max_norm is not None:  # a factor below 2**-100 (norms near 1e38) is applied in a pass first
@@ -241,7 +241,7 @@ class NanGuard:
         self.steps += 1
         self.last_report = reports[-1]
         if self.watch is not None:  # the evaluation that stopped the step, or the last one
-            self.watch.observe(self.last_report)
+            self.watch.observe(self.last_report, source=self)
         return self.last_report
 
     def _fused_step(self, grad_scale, found_inf):

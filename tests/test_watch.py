@@ -987,3 +987,14 @@ def test_two_guards_sharing_a_watch_count_each_step_once_with_a_norm_history_eac
     report = watch.report()  # the latest: the second guard's view of step 1 is that step, not "not reproduced"
     assert (report.step, report.cause, report.rows) == (1, "bad input data", [2]), str(report)
     assert [r.step for r in watch.reports()] == [1]
+
+
+def test_one_guard_stepping_without_a_model_call_starts_a_new_step_each_time():
+    model = sequential(torch.nn.ReLU())
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    for _ in range(2):  # gradients set by hand, no call of the model: still one step per guard.step()
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        guard.step()
+    assert watch.steps == guard.steps == 3

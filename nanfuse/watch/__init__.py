@@ -97,10 +97,10 @@ class NanWatch:
         self.steps, self._dropped = 0, []
         self._calls, self._pending, self._replays, self._reports = [], [], [], {}
         self._record = None
-        # one norm history per guard observing the steps (two optimizers, two guards): the k-th observe of a step
-        # -> (device history, finite norms written) and -> host deque (the norms, where reading them is free)
+        # one norm history per guard observing the steps (two optimizers, two guards): id(guard) -> (device
+        # history, finite norms written) and -> host deque (the norms, where reading them is free)
         self._histories, self._host_histories = {}, {}
-        self._observer, self._step_calls, self._last_replayed = 0, [], None
+        self._observer, self._step_observers, self._step_calls, self._last_replayed = None, set(), [], None
         self._replaying = self._warned_unobserved = False
         self._handles = [model.register_forward_pre_hook(self._capture_call, with_kwargs=True),
                          model.register_forward_hook(self._capture_output)]
@@ -142,17 +142,19 @@ class NanWatch:
             if leaf.requires_grad:
                 leaf.register_hook(functools.partial(_keep_grad, grads, i))
 
-    def observe(self, grad_report, scale=None):
+    def observe(self, grad_report, scale=None, source=None):
         """Take one step's GradNormReport (NanGuard.step() calls this after its check, before the optimizer
-        step) and the GradScaler's scale of the step if there is one (a tensor). Device ops only; a bad step is
-        replayed here when its flag can be read for free (CPU)."""
+        step, with itself as `source`) and the GradScaler's scale of the step if there is one (a tensor). Device
+        ops only; a bad step is replayed here when its flag can be read for free (CPU)."""
         if torch.compiler.is_compiling():
             return
-        if self._calls or not self._step_calls:  # the model ran since the last observe: a new training step
-            step, self._observer, self._step_calls = self.steps, 0, self._calls
+        self._observer = id(source)  # each guard has a norm history of its own
+        if self._calls or not self._step_calls or self._observer in self._step_observers:  # a new training step
+            step, self._step_calls, self._step_observers = self.steps, self._calls, {self._observer}
             self.steps += 1
-        else:  # a second guard (over another optimizer's parameters) checking the same step: same step and calls,
-            step, self._observer = self.steps - 1, self._observer + 1  # a norm history of its own
+        else:  # a second guard (over another optimizer's parameters) checking the same step: same step and calls
+            step = self.steps - 1
+            self._step_observers.add(self._observer)
         norm, found_inf = grad_report.total_norm, grad_report.found_inf
         free = _backend.may_read_values(norm) and _backend.may_read_values(found_inf)
         if free and (scale is None or _backend.may_read_values(scale)):  # CPU, eager: reading is free
