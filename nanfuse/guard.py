@@ -157,7 +157,7 @@ class NanGuard:
                                              self.process_group, inv_scale)
         found_inf = report.found_inf
         if self.watch is not None:  # the scale tells a routine loss-scale overflow from a cause (nanfuse/watch)
-            self.watch.observe(report, None if scaler is None else scaler._scale)
+            self.watch.observe(report, None if scaler is None else scaler._scale, source=self)
         fused = self._fused()
         if fused and inv_scale is None and _nothing_but_the_step(report):
             # CPU, eager: the flag and the coefficient were read for free and ask for nothing but the step itself
@@ -224,7 +224,7 @@ class NanGuard:
         self.steps += 1
         self.last_report = reports[-1]
         if self.watch is not None:  # the evaluation that stopped the step, or the last one
-            self.watch.observe(self.last_report)
+            self.watch.observe(self.last_report, source=self)
         return self.last_report
 
     def _fused_step(self, grad_scale, found_inf):

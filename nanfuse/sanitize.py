@@ -27,6 +27,8 @@ def _inputs(inputs):
             raise ValueError(f"inputs[{i}] is 0-dim; dim 0 must be the sample dim")
         if x.is_complex():  # its NaN would go unseen: refuse rather than skip it
             raise TypeError(f"inputs[{i}] is complex ({x.dtype}); sanitize_batch takes real tensors")
+        if x.is_floating_point() and x.element_size() == 1:  # PyTorch has no isfinite/masked_fill for float8
+            raise TypeError(f"inputs[{i}] is {x.dtype}; sanitize_batch takes float16, bfloat16, float32, float64")
     if not tensors:
         raise ValueError("inputs: give at least one batch tensor")
     return tensors
@@ -43,6 +45,12 @@ def sanitize_batch(inputs, target=None, *, ignore_index=-100, fill=0.0):
     """
     tensors = _inputs(inputs)
     n, device = tensors[0].shape[0], tensors[0].device
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+        raise TypeError(f"fill must be a float, got {type(fill).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # as F.cross_entropy's
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if target is not None and not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a tensor or None, got {type(target).__name__}")
     fill = float(fill)
     if not -float("inf") < fill < float("inf"):  # never invent a non-finite value
         raise ValueError(f"fill must be finite, got {fill}")

@@ -87,3 +87,16 @@ def test_a_step_on_a_sanitized_batch_equals_a_step_on_its_good_rows():
     torch.testing.assert_close(loss, expected_loss)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_arguments_of_the_wrong_type_are_named():
+    x, target = torch.randn(3, 2), torch.zeros(3, dtype=torch.int64)
+    for kwargs, name in ((dict(ignore_index=-100.5), "ignore_index"), (dict(ignore_index=True), "ignore_index"),
+                         (dict(ignore_index="x"), "ignore_index"), (dict(fill="a"), "fill")):
+        with pytest.raises(TypeError, match=name):
+            nanfuse.sanitize_batch(x, target, **kwargs)
+    with pytest.raises(TypeError, match="target"):
+        nanfuse.sanitize_batch(x, [0, 1, 2])
+    with pytest.raises(TypeError, match="inputs\\[1\\]"):  # float8: no isfinite or masked_fill in PyTorch
+        nanfuse.sanitize_batch([x, x.to(torch.float8_e4m3fn)], target)
+    assert target.tolist() == [0, 0, 0]

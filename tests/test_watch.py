@@ -311,6 +311,10 @@ def test_arguments_are_checked_at_construction():
         nanfuse.NanWatch(model, jump_factor=float("inf"))
     with pytest.raises(TypeError, match="keep"):
         nanfuse.NanWatch(model, keep=1.5)
+    for options, error in ((dict(jump_factor="x"), TypeError), (dict(jump_factor=None), TypeError),
+                           (dict(copy_inputs="yes"), TypeError), (dict(history=0), ValueError)):
+        with pytest.raises(error, match=next(iter(options))):
+            nanfuse.NanWatch(model, **options)
     with pytest.raises(TypeError, match="watch"):
         nanfuse.NanGuard(torch.optim.SGD(model.parameters(), lr=0.1), watch="yes")
 
@@ -804,3 +808,193 @@ def test_rng_state_is_captured_for_the_devices_of_the_parameters(monkeypatch):
     model = sequential(torch.nn.ReLU())
     monkeypatch.setattr(model, "parameters", lambda: iter([Stub("cuda:1"), Stub("cpu")]))
     assert _cuda_devices(model, [torch.zeros(1), Stub("cuda:0")]) == {0, 1}
+
+
+class RunningMean(torch.nn.Module):
+    """A registered buffer reassigned (not changed in place) by each call, and a list the forward appends to."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4)
+        self.register_buffer("mean", torch.zeros(6))
+        self.sizes = []
+
+    def forward(self, x):
+        self.mean = 0.9 * self.mean + 0.1 * x.detach().nan_to_num().mean(0)
+        self.sizes.append(x.shape[0])
+        return self.head(torch.tanh(self.first(x - self.mean)))
+
+
+def _running_mean_run(with_watch, seen=None):
+    torch.manual_seed(0)
+    model = RunningMean()
+    if seen is not None:
+        model.head.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    if with_watch:
+        watch, guard = watched(model)
+    else:
+        guard = nanfuse.NanGuard(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1.0)
+    for step in range(4):
+        x, y = batch(step)
+        if step == 1:
+            x[3, 2] = float("nan")
+        train_step(model, guard, x, y)
+    return model, watch.report() if with_watch else None
+
+
+def test_a_reassigned_buffer_and_an_appended_list_are_put_back_after_a_replay():
+    (watched_model, report), (plain_model, _) = _running_mean_run(True), _running_mean_run(False)
+    assert (report.step, report.cause, report.rows) == (1, "bad input data", [3])
+    torch.testing.assert_close(watched_model.mean, plain_model.mean, rtol=0, atol=0)
+    assert watched_model.sizes == plain_model.sizes == [8] * 4
+    for a, b in zip(watched_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_replay_sees_a_reassigned_buffer_as_the_step_did():
+    seen = []
+    _running_mean_run(True, seen)
+    assert len(seen) == 5  # four steps and step 1's replay
+    torch.testing.assert_close(seen[2], seen[1], rtol=0, atol=0, equal_nan=True)
+
+
+class AuxiliaryOutput(torch.nn.Module):
+    """Two outputs; the second (a NaN/Inf diagnostic) never reaches the loss."""
+
+    def __init__(self, aux):
+        super().__init__()
+        self.head, self.aux, self.kind = torch.nn.Linear(6, 4), torch.nn.Linear(6, 1), aux
+
+    def forward(self, x):
+        aux = self.aux(x)
+        return self.head(x), torch.log(aux) if self.kind == "nan" else aux * 1e30 * 1e30
+
+
+@pytest.mark.parametrize("aux", ["nan", "inf"])
+def test_a_non_finite_output_the_loss_does_not_use_is_not_blamed(aux):
+    torch.manual_seed(0)
+    model = AuxiliaryOutput(aux)
+    watch, guard = watched(model)
+    x, y = batch(0)
+    logits = model(x)[0] * 1000  # finite logits; -log(softmax) of a saturated row is the bad step's cause
+    (-torch.log(torch.softmax(logits, 1)).gather(1, y[:, None]).mean()).backward()
+    guard.step()
+    report = watch.report()
+    assert (report.phase, report.cause) == ("loss", "unstable loss"), str(report)
+
+
+def test_a_minus_inf_input_row_that_reaches_a_weight_gradient_is_bad_input_data():
+    model = sequential(torch.nn.ReLU())  # Linear, Tanh: the forward absorbs the -inf, the weight gradient does not
+    watch, guard = watched(model)
+    x, y = batch(0)
+    x[4, 1] = float("-inf")
+    train_step(model, guard, x, y)
+    report = watch.report()
+    assert (report.phase, report.cause, report.rows) == ("input", "bad input data", [4]), str(report)
+
+
+def test_a_nan_target_of_a_float_loss_is_an_unstable_loss_with_its_rows():
+    model = sequential(torch.nn.ReLU())
+    watch, guard = watched(model)
+    x, _ = batch(0)
+    target = torch.randn(8, 4)
+    target[5, 1] = float("nan")  # the watch sees the model's arguments only, not the loss's target
+    train_step(model, guard, x, target, torch.nn.functional.mse_loss)
+    report = watch.report()
+    assert (report.phase, report.cause, report.rows) == ("loss", "unstable loss", [5]), str(report)
+    assert "target" in report.explanation
+
+
+def test_a_weight_already_non_finite_is_named_in_the_report():
+    model = sequential(torch.nn.Linear(8, 8))
+    with torch.no_grad():
+        model[2].weight[1, 1] = float("nan")  # as loaded from a corrupt checkpoint
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    report = watch.report()
+    assert (report.phase, report.cause, report.module) == ("forward", "unstable activation", "2"), str(report)
+    assert "its parameter `weight` already holds 1 NaN/Inf" in report.explanation
+
+
+def test_host_and_device_histories_agree_after_a_skipped_step(monkeypatch):
+    # the history holds the latest `history` finite norms on both: a skipped step must not keep an older one alive
+    scales = [100.0, 1.0, 100.0, 1.0, float("nan"), 100.0, 1e5]
+    jumps = []
+    for deferred in (False, True):
+        with monkeypatch.context() as patch:
+            if deferred:
+                defer_reads(patch)
+            model = sequential(torch.nn.ReLU())
+            watch, guard = watched(model, history=4, min_history=4, keep=8)
+            for step, scale in enumerate(scales):
+                train_step(model, guard, *batch(0), lambda out, t, s=scale: s * nanfuse.cross_entropy(out, t))
+            jumps.append([(r.step, round(r.numbers["median"], 3)) for r in watch.reports() if r.numbers])
+    assert jumps[0] == jumps[1] and [step for step, _ in jumps[0]] == [6], jumps
+
+
+class LossInForward(torch.nn.Module):
+    """Hugging Face style: given labels, the forward computes the loss and returns it with the logits."""
+
+    def __init__(self, logits_scale, divide=False):
+        super().__init__()
+        self.body, self.scale, self.divide = torch.nn.Linear(6, 4), logits_scale, divide
+
+    def forward(self, x, labels):
+        logits = self.body(x) * self.scale
+        if self.divide:
+            logits = logits / (logits - logits)
+        loss = -torch.log(torch.softmax(logits, 1)).gather(1, labels[:, None]).mean()
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("divide", [False, True], ids=["saturated-loss", "nan-logits"])
+def test_a_loss_computed_in_the_forward_is_an_unstable_loss_when_the_logits_are_finite(divide):
+    torch.manual_seed(0)
+    model = LossInForward(1000.0, divide)
+    watch, guard = watched(model)
+    x, y = batch(0)
+    model(x, y)["loss"].backward()
+    guard.step()
+    report = watch.report()
+    expected = ("forward", "unstable activation") if divide else ("loss", "unstable loss")
+    assert (report.phase, report.cause, report.module) == (*expected, ""), str(report)
+
+
+def _two_guards(bad_step, steps):
+    model = sequential(torch.nn.ReLU())
+    model.register_parameter("tiny", torch.nn.Parameter(torch.zeros(1)))  # a group with ~1e4x smaller gradients
+    watch = nanfuse.NanWatch(model)
+    guards = [nanfuse.NanGuard(torch.optim.AdamW(params, lr=1e-3, fused=True), max_norm=1.0, watch=watch)
+              for params in (list(model.parameters())[:-1], [model.tiny])]
+    for step in range(steps):
+        x, y = batch(step)
+        if step == bad_step:
+            x[2, 3] = float("nan")
+        (nanfuse.cross_entropy(model(x), y) + 1e-4 * model.tiny.sum()).backward()
+        for guard in guards:
+            guard.step()
+            guard.zero_grad()
+    return watch
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["read-at-once", "device-history"])
+def test_two_guards_sharing_a_watch_count_each_step_once_with_a_norm_history_each(deferred, monkeypatch):
+    if deferred:
+        defer_reads(monkeypatch)
+    watch = _two_guards(None, 12)  # clean: mixing the two norm histories made false jumps
+    assert watch.steps == 12 and watch.reports() == []
+    watch = _two_guards(1, 3)
+    report = watch.report()  # the latest: the second guard's view of step 1 is that step, not "not reproduced"
+    assert (report.step, report.cause, report.rows) == (1, "bad input data", [2]), str(report)
+    assert [r.step for r in watch.reports()] == [1]
+
+
+def test_one_guard_stepping_without_a_model_call_starts_a_new_step_each_time():
+    model = sequential(torch.nn.ReLU())
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    for _ in range(2):  # gradients set by hand, no call of the model: still one step per guard.step()
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        guard.step()
+    assert watch.steps == guard.steps == 3

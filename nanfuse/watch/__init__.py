@@ -74,12 +74,18 @@ class NanWatch:
                  sample_dim=0):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(jump_factor, bool) or not isinstance(jump_factor, (int, float)):
+            raise TypeError(f"jump_factor must be a number, got {type(jump_factor).__name__}")
+        if not isinstance(copy_inputs, bool):
+            raise TypeError(f"copy_inputs must be a bool, got {type(copy_inputs).__name__}")
         if not 1 < jump_factor < math.inf:
             raise ValueError(f"jump_factor must be a finite number > 1, got {jump_factor}")
         for name, value in (("history", history), ("min_history", min_history), ("keep", keep),
                             ("sample_dim", sample_dim)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
         if not 1 <= min_history <= history:
             raise ValueError(f"min_history must be in [1, history={history}], got {min_history}")
         if not keep >= 1:
@@ -90,8 +96,11 @@ class NanWatch:
         self.history_length, self.copy_inputs, self.sample_dim = history, copy_inputs, sample_dim
         self.steps, self._dropped = 0, []
         self._calls, self._pending, self._replays, self._reports = [], [], [], {}
-        self._history = self._record = None
-        self._host_history = collections.deque(maxlen=history)  # the norms, where reading them is free
+        self._record = None
+        # one norm history per guard observing the steps (two optimizers, two guards): id(guard) -> (device
+        # history, finite norms written) and -> host deque (the norms, where reading them is free)
+        self._histories, self._host_histories = {}, {}
+        self._observer, self._step_observers, self._step_calls, self._last_replayed = None, set(), [], None
         self._replaying = self._warned_unobserved = False
         self._handles = [model.register_forward_pre_hook(self._capture_call, with_kwargs=True),
                          model.register_forward_hook(self._capture_output)]
@@ -107,6 +116,8 @@ class NanWatch:
         if self._replaying or torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return  # a call under no_grad (evaluation) gives no gradients: nothing to keep
         self._resolve(wait=False)  # a previous bad step is replayed before this call changes anything
+        if not self._calls:  # a new step: the last one's calls are no longer kept for a second guard
+            self._step_calls = []
         if self.copy_inputs:
             args, kwargs = map_tensors(torch.clone, (args, kwargs))
         devices = _cuda_devices(module, tensors((args, kwargs))) if torch.cuda.is_initialized() else set()
@@ -131,58 +142,72 @@ class NanWatch:
             if leaf.requires_grad:
                 leaf.register_hook(functools.partial(_keep_grad, grads, i))
 
-    def observe(self, grad_report, scale=None):
+    def observe(self, grad_report, scale=None, source=None):
         """Take one step's GradNormReport (NanGuard.step() calls this after its check, before the optimizer
-        step) and the GradScaler's scale of the step if there is one (a tensor). Device ops only; a bad step is
-        replayed here when its flag can be read for free (CPU)."""
+        step, with itself as `source`) and the GradScaler's scale of the step if there is one (a tensor). Device
+        ops only; a bad step is replayed here when its flag can be read for free (CPU)."""
         if torch.compiler.is_compiling():
             return
+        self._observer = id(source)  # each guard has a norm history of its own
+        if self._calls or not self._step_calls or self._observer in self._step_observers:  # a new training step
+            step, self._step_calls, self._step_observers = self.steps, self._calls, {self._observer}
+            self.steps += 1
+        else:  # a second guard (over another optimizer's parameters) checking the same step: same step and calls
+            step = self.steps - 1
+            self._step_observers.add(self._observer)
         norm, found_inf = grad_report.total_norm, grad_report.found_inf
         free = _backend.may_read_values(norm) and _backend.may_read_values(found_inf)
         if free and (scale is None or _backend.may_read_values(scale)):  # CPU, eager: reading is free
             flags = self._host_records(norm.item(), found_inf.item() > 0)
             flags.append(float("nan") if scale is None else scale.item())
         else:
-            flags = self._update_records(self.steps, norm, found_inf, scale)
-        pending = _Step(self.steps, self._calls, flags)
+            flags = self._update_records(step, norm, found_inf, scale)
+        pending = _Step(step, self._step_calls, flags)
         if isinstance(flags, torch.Tensor) and flags.is_cuda:
             pending.host_flags = torch.empty(5, dtype=flags.dtype, pin_memory=True)
             pending.host_flags.copy_(flags, non_blocking=True)
             pending.ready = torch.cuda.Event()
             pending.ready.record()
         self._calls = []
-        self.steps += 1
         self._pending.append(pending)
         self._resolve(wait=False)
-        del self._pending[:-self.keep]  # unresolved older steps: the device record still names them
+        # unresolved steps older than `keep`: the device record still names them
+        self._pending = [p for p in self._pending if p.step >= self.steps - self.keep]
 
     def _host_records(self, norm, found):
         """_update_records where the norm and flag are Python values: [found_inf, jump, norm, median] (the scale
         is appended by observe)."""
-        history = list(self._host_history)
+        kept = self._host_histories.setdefault(self._observer, collections.deque(maxlen=self.history_length))
+        history = list(kept)
         median = lower_median(history)
         finite = -float("inf") < norm < float("inf")
         jump = len(history) >= self.min_history and finite and median > 0 and norm > self.jump_factor * median
         if finite:
-            self._host_history.append(norm)
+            kept.append(norm)
         return [float(found), float(jump), norm, median]
 
     def _update_records(self, step, norm, found_inf, scale):
         """Norm history and the event record, on the device: (found_inf, jump, norm, median, scale) as fp64 (5,)."""
         norm = norm.detach().double()
-        if self._history is None or self._history.device != norm.device:
-            self._history = torch.full((self.history_length,), float("nan"), dtype=torch.float64,
-                                       device=norm.device)
+        if self._record is None or self._record.device != norm.device:
             # first bad step, last bad step, last jump step, its norm, the median it was compared with
             self._record = torch.tensor([-1.0, -1.0, -1.0, float("nan"), float("nan")], dtype=torch.float64,
                                         device=norm.device)
+            self._histories = {}
+        if self._observer not in self._histories:  # the norms, and how many finite ones were written
+            self._histories[self._observer] = (
+                torch.full((self.history_length,), float("nan"), dtype=torch.float64, device=norm.device),
+                torch.zeros(1, dtype=torch.int64, device=norm.device))
+        history, written = self._histories[self._observer]
         finite = torch.isfinite(norm)
-        median = self._history.nanmedian()
-        enough = (~self._history.isnan()).sum() >= self.min_history
+        median = history.nanmedian()
+        enough = (~history.isnan()).sum() >= self.min_history
         jump = enough & finite & (median > 0) & (norm > self.jump_factor * median)
         found = found_inf.detach().to(norm.device) > 0
-        slot = step % self.history_length
-        self._history[slot] = torch.where(finite, norm, self._history[slot])
+        # the latest `history` finite norms, as on the host: a skipped step does not advance the ring
+        slot = written % self.history_length
+        history.index_copy_(0, slot, torch.where(finite, norm, history.index_select(0, slot)))
+        written += finite.long()
         at = torch.full((), float(step), dtype=torch.float64, device=norm.device)
         first_time = found & (self._record[0] < 0)
         self._record = torch.where(torch.stack([first_time, found, jump, jump, jump]),
@@ -211,6 +236,9 @@ class NanWatch:
                              else ("jump", norm, median))
 
     def _replay(self, pending, kind):
+        if self._last_replayed == (pending.step, kind[0]):  # a second guard found the same step bad
+            return
+        self._last_replayed = (pending.step, kind[0])
         self._replaying = True
         try:
             replays = [replay(self.model, capture, i, self.sample_dim) for i, capture in enumerate(pending.captures)]

@@ -80,8 +80,11 @@ def _forward_report(step, replay, values, kinds):
     name, _, outs = forward[index]
     slot = (_bad(values, outs, kinds) or _bad(values, outs))[0]
     later = [n for n, _, o in forward[index + 1:] if _bad(values, o) and not _is_inside(name, n)]
+    corrupt = [(label, int(_count(values, s))) for s, label in replay.param_values.get(name, []) if _bad(values, [s])]
+    detail = "".join(f" (its parameter `{label}` already holds {count} NaN/Inf values: the weights were corrupt "
+                     "before this step, loaded so or changed outside the guard)" for label, count in corrupt[:1])
     return make_report(step, "forward", "unstable activation", name, replay.slots.labels[slot], _count(values, slot),
-                       passed_on=list(dict.fromkeys(later)), call=replay.call)
+                       detail, passed_on=list(dict.fromkeys(later)), call=replay.call)
 
 
 def _backward_producer(replay, values):
@@ -139,6 +142,10 @@ def _backward_producer(replay, values):
 def nonfinite_report(step, replay, values, scale=None):
     """NanReport for a step whose gradients were non-finite, from its replay and the slots' values. `scale`: the
     GradScaler's scale of that step (None without one)."""
+    return _loss_in_forward(step, replay, values, _nonfinite_report(step, replay, values, scale))
+
+
+def _nonfinite_report(step, replay, values, scale):
     if _bad(values, replay.outputs, (NAN,)):
         found = _forward_report(step, replay, values, (NAN,))
         if found is not None:
@@ -151,13 +158,15 @@ def nonfinite_report(step, replay, values, scale=None):
     detail = f" (scale {scale:g})" if overflow else ""
     cause = "loss-scale overflow" if overflow else None
     if _bad(values, replay.output_grads):
-        slot = _bad(values, replay.output_grads)[0]
+        index = next(i for i, slot in enumerate(replay.output_grads) if _bad(values, [slot]))
+        slot, rows_slot = replay.output_grads[index], replay.output_grad_rows[index]
+        rows = None if rows_slot is None else [i for i, bad in enumerate(values[rows_slot]) if bad]
         return make_report(step, "loss", cause or "unstable loss", "", replay.slots.labels[slot],
-                           _count(values, slot), detail, call=replay.call)
+                           _count(values, slot), detail, call=replay.call, rows=rows, sample_dim=replay.sample_dim)
     found = _backward_producer(replay, values)
     if found is not None:
         name, slot, label = found
-        absorbed = _absorbed(step, replay, values, name)
+        absorbed = _absorbed(step, replay, values, name, label.endswith(".grad"))
         if absorbed is not None:
             return absorbed
         return make_report(step, "backward", cause or "exploding gradients", name, label, _count(values, slot), detail,
@@ -167,10 +176,23 @@ def nonfinite_report(step, replay, values, scale=None):
     return make_report(step, None, "not reproduced", None, None, 0, call=replay.call)
 
 
-def _absorbed(step, replay, values, name):
+def _loss_in_forward(step, replay, values, found):
+    """A loss the model's own forward code computed (a 0-dim output, as a Hugging Face model given labels= returns)
+    that went non-finite while every tensor output stayed finite is an unstable loss, not an activation."""
+    bad = _bad(values, replay.outputs)
+    if (found.phase != "forward" or found.module != "" or not bad or any(s not in replay.scalar_outputs for s in bad)
+            or _bad(values, [s for s in replay.outputs if s not in replay.scalar_outputs] + replay.other_outputs)):
+        return found
+    return make_report(step, "loss", "unstable loss", "", replay.slots.labels[bad[0]], _count(values, bad[0]),
+                       " (a loss the model's forward computed: a 0-dim output)", call=replay.call)
+
+
+def _absorbed(step, replay, values, name, parameter):
     """A non-finite forward value the forward absorbed but the backward did not (a NaN input masked out after a
-    Linear still makes its weight gradient NaN): blame where that value came from, not the backward."""
-    kinds = (NAN, POSINF)  # -Inf is taken for a mask (an additive attention mask among the inputs)
+    Linear still makes its weight gradient NaN): blame where that value came from, not the backward. -Inf is
+    taken for a mask (an additive attention mask among the inputs), unless the non-finite gradient is of a
+    `parameter` of that module: an input a weight multiplies (a Linear's) makes its gradient non-finite."""
+    kinds = (NAN, POSINF, NEGINF) if parameter else (NAN, POSINF)
     if not any(_bad(values, ins, kinds) for n, ins, _ in replay.forward if n == name):
         return None
     detail = f" (the forward absorbed it, but it reached the gradients in `{name or 'the model'}`)"

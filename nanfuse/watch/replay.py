@@ -14,6 +14,7 @@ no .grad changes.
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import inspect
 
@@ -36,12 +37,16 @@ class Capture:
 
 
 _PLAIN = frozenset({dict, collections.OrderedDict, bool, int, float, str, type(None), list, tuple, set})
+_CONTAINERS = frozenset({dict, collections.OrderedDict, list, set})  # their contents are put back after a replay
 
 
 def module_state(model):
     """(tensor attributes, generator attributes) of the model's modules: [(module, name, value)] each."""
     found, generators = [], []
     for module in model.modules():
+        # registered buffers too, by reference: one reassigned by each call (a running mean kept as
+        # `self.mean = ...`) is seen by the replay as the step saw it
+        found += [(module, name, value) for name, value in module._buffers.items() if value is not None]
         for name, value in vars(module).items():
             if type(value) in _PLAIN:  # most of a module's attributes: skipped without an isinstance check
                 continue
@@ -99,6 +104,10 @@ def _as_captured(model, capture):
     cuda_rng = {i: torch.cuda.get_rng_state(i) for i in capture.cuda_rng}
     attributes, generators = module_state(model)
     bindings = [(module, dict(vars(module))) for module in model.modules()]  # every attribute (a step counter)
+    # and the contents of its containers, one level deep: the registered buffers, parameters and submodules (a
+    # buffer reassigned by the forward is rebound there) and a list, dict or set the forward adds to
+    contents = [(value, copy.copy(value)) for _, names in bindings for value in names.values()
+                if type(value) in _CONTAINERS]
     # copied back afterwards; a tensor of the real step's graph only if the replay changed it in place (its version
     # moved), so that step's backward still finds it unchanged (BatchNorm's running statistics keep their version)
     saved = [(t, None if t.requires_grad else -1, t.detach().clone())
@@ -127,6 +136,12 @@ def _as_captured(model, capture):
         for module, names in bindings:
             vars(module).clear()
             vars(module).update(names)
+        for value, saved_value in contents:
+            value.clear()
+            if isinstance(value, list):
+                value.extend(saved_value)
+            else:
+                value.update(saved_value)
         with torch.no_grad():
             for tensor, version, value in saved:
                 if version < 0 or tensor._version != version:
@@ -140,13 +155,17 @@ class Replay:
     call: int  # which call of the model in its step (gradient accumulation makes several)
     inputs: list  # (slot, rows slot) per float input of the model call
     forward: list  # (module name, input slots, output slots) in completion order
-    outputs: list  # slots of the model's float outputs
+    outputs: list  # slots of the model's float outputs that a gradient came back to (all of them if none did)
     output_grads: list  # slots of the gradients arriving at the model's outputs
     calls: list  # (module name, the call it was made in or None): every module call of the forward, as started
     backward: list  # (order, call, "in" or "out", slot): gradients at module call inputs and outputs, as fired
     params: dict  # module name -> [(slot, 'name.grad')] for its own parameters
     norms: list  # (slot, parameter name): gradient norm of each parameter
     error: str | None = None
+    output_grad_rows: list = dataclasses.field(default_factory=list)  # rows slot (or None) per output_grads slot
+    param_values: dict = dataclasses.field(default_factory=dict)  # module name -> [(slot, name)]: its parameters
+    scalar_outputs: list = dataclasses.field(default_factory=list)  # the slots of `outputs` that are 0-dim
+    other_outputs: list = dataclasses.field(default_factory=list)  # slots of the float outputs not in `outputs`
     sample_dim: int = 0  # the dim of the inputs whose bad entries are reported as rows
 
 
@@ -198,13 +217,25 @@ def replay(model, capture, call=0, sample_dim=0):
             handles += [module.register_forward_pre_hook(pre_hook(name), with_kwargs=True),
                         module.register_forward_hook(post_hook(name), with_kwargs=True)]
         params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        for name, p in model.named_parameters():  # a weight already non-finite (a corrupt checkpoint)
+            owner, _, leaf = name.rpartition(".")
+            record.param_values.setdefault(owner, []).append((slots.count([p], [leaf])[0], leaf))
         with _as_captured(model, capture):
             output = model(*capture.args, **capture.kwargs)
             leaves = tensors(output)
-            floats = [t for t in leaves if t.is_floating_point()]
-            record.outputs = slots.count(floats, _names("model output", floats))
+            # an output no gradient came back to (a diagnostic the loss does not use) cannot have made the step bad
+            used = [t for i, t in enumerate(leaves)
+                    if t.is_floating_point() and (i in capture.output_grads or not capture.output_grads)]
+            record.outputs = slots.count(used, _names("model output", used))
+            # a 0-dim output non-finite while every tensor output (used or not) is finite: a loss computed in the
+            # forward (a Hugging Face model given labels=)
+            record.scalar_outputs = [s for s, t in zip(record.outputs, used) if t.dim() == 0]
+            others = [t for t in leaves if t.is_floating_point() and t.dim() > 0 and all(t is not u for u in used)]
+            record.other_outputs = slots.count(others, _names("model output", others))
             pairs = [(leaves[i], g) for i, g in sorted(capture.output_grads.items())]
+            rows = [None if r is None else slots.add(r, "rows") for r in (_rows(g, sample_dim) for _, g in pairs)]
             record.output_grads = slots.count([g for _, g in pairs], _names("gradient arriving at output", pairs))
+            record.output_grad_rows = rows
             if pairs and params:
                 grads = torch.autograd.grad([o for o, _ in pairs], [p for _, p in params], [g for _, g in pairs],
                                             allow_unused=True)

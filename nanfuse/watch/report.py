@@ -13,8 +13,10 @@ CAUSES = {
         "fp32 for that module, or a lower learning rate if the weights grew"),
     "unstable loss": (
         "the model's outputs were finite but the loss or its gradient was not (e.g. log(softmax(x)) on a "
-        "saturated row)",
-        "use a fused, max-subtracted loss: nanfuse.cross_entropy or nanfuse.log_softmax, never log(softmax(x))"),
+        "saturated row, or a NaN/Inf in a target or loss weight: the watch sees only the model's arguments, "
+        "`rows` says which samples' gradient it was)",
+        "use a fused, max-subtracted loss: nanfuse.cross_entropy or nanfuse.log_softmax, never log(softmax(x)); "
+        "or clean those samples' targets"),
     "exploding gradients": (
         "forward and loss were finite; the gradients overflowed or jumped in backward",
         "lower the learning rate or add warm-up, clip (NanGuard(max_norm=...)), or fix that layer's backward"),
@@ -55,7 +57,8 @@ class NanReport:
     count: int  # non-finite values in that tensor (0 for a finite norm jump)
     explanation: str
     remedy: str
-    rows: list | None = None  # bad input data: the samples (indices along sample_dim) holding a non-finite value
+    rows: list | None = None  # bad input data / unstable loss: the samples (indices along sample_dim of the input /
+    # of the gradient arriving at the output) holding a non-finite value
     passed_on: list = dataclasses.field(default_factory=list)  # modules after it that only passed it on
     numbers: dict = dataclasses.field(default_factory=dict)  # norm jump: norm, median, ratio
     call: int | None = None  # which call of the model in the step (0-based; gradient accumulation makes several)
@@ -70,7 +73,8 @@ class NanReport:
             head += f" ({self.phase} phase, in {where}, {self.tensor}: {self.count} non-finite values)"
         lines = [head, f"  why: {self.explanation}", f"  fix: {self.remedy}"]
         if self.rows is not None:
-            lines.insert(1, f"  samples: {self.rows} (dim {self.sample_dim} of call {self.call} of the model)")
+            of = "the gradient arriving at the output of " if self.phase == "loss" else ""
+            lines.insert(1, f"  samples: {self.rows} (dim {self.sample_dim} of {of}call {self.call} of the model)")
         if self.passed_on:
             lines.insert(1, f"  passed on by: {', '.join(self.passed_on)}")
         return "\n".join(lines)
