@@ -6,11 +6,13 @@ representative shapes, so they cannot drift from what a real launch picks. Each 
 exactly as Triton's JIT specialises it (integers equal to 1 become constants, pointers and integers
 divisible by 16 get the divisibility attribute), so a row stride of 1,001 elements is compiled, and
 reported, as the unaligned case it is. Resources come from the ptxas and cuobjdump shipped in the
-triton wheel. Compiled kernels are cached for the process (and by Triton on disk).
+triton wheel. Triton caches the compiled kernels on disk, so a second check is quick.
 """
 
+import concurrent.futures
 import dataclasses
-import functools
+import importlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -96,7 +98,6 @@ def streams_aligned_data(report):
     return streams and {"logits_ptr", "logits_row_stride", "n_classes"} <= aligned
 
 
-@functools.lru_cache(maxsize=None)
 def _compile(kernel, signature_items, constexpr_items, attr_items, num_warps, arch):
     src = ASTSource(fn=kernel, signature=dict(signature_items), constexprs=dict(constexpr_items),
                     attrs={k: [list(a) for a in v] for k, v in attr_items})
@@ -264,27 +265,43 @@ def shipped_launches(n_sms):
     return launches
 
 
-def check(archs=(90, 80), progress=None):
-    """A KernelReport per distinct compiled configuration and architecture, for every shipped launch."""
-    reports = {}
+def check(archs=(90, 80), progress=None, workers=None):
+    """A KernelReport per distinct compiled configuration and architecture, for every shipped launch. The
+    configurations compile in parallel, one process per core given to this one (Triton's passes and ptxas are
+    CPU-bound: the whole check is minutes of CPU on a cold cache)."""
+    examples = {}  # configuration -> the shipped problems that launch it, in launch order
     for arch in archs:
         for example, launch in shipped_launches(ARCHS[arch]):
             signature, constexprs, attrs = _specialize(launch.kernel, launch.args)
-            key = (launch.kernel, tuple(signature.items()), tuple(constexprs.items()),
-                   tuple((k, tuple(tuple(a) for a in v)) for k, v in sorted(attrs.items())), launch.num_warps, arch)
-            if key not in reports:
-                cubin, shared = _compile(*key)
-                registers, spills, wide, narrow, sass = _resources(cubin)
-                aligned = tuple(launch.kernel.params[i].name for (i,) in sorted(attrs))
-                per_thread, element_bytes = _elements_per_thread(signature, constexprs, launch.num_warps)
-                loops = tuple(round(n / (per_thread * blocks), 2) for n, blocks in main_loop_lengths(
-                    sass, per_thread * element_bytes, constexprs.get("BLOCK_SIZE", 0) or 1 << 40))
-                reports[key] = KernelReport(launch.kernel.fn.__name__, arch, launch.num_warps, constexprs, aligned,
-                                            registers, spills, shared, wide, narrow, loops, [])
-                if progress:
-                    progress(reports[key])
-            reports[key].examples.append(example)
-    return list(reports.values())
+            key = (launch.kernel.fn.__module__, launch.kernel.fn.__name__, tuple(signature.items()),
+                   tuple(constexprs.items()), tuple((k, tuple(tuple(a) for a in v)) for k, v in sorted(attrs.items())),
+                   launch.num_warps, arch)
+            examples.setdefault(key, []).append(example)
+    workers = workers or len(os.sched_getaffinity(0))
+    # spawn, not fork: the parent has torch's thread pools running, which a forked child must not inherit
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        reports = []
+        for report, shipped in zip(pool.map(_report, examples, chunksize=4), examples.values()):
+            report.examples.extend(shipped)
+            reports.append(report)
+            if progress:
+                progress(report)
+    return reports
+
+
+def _report(key):
+    """The KernelReport of one configuration (run in a worker process)."""
+    module, name, signature, constexprs, attrs, num_warps, arch = key
+    kernel = getattr(importlib.import_module(module), name)
+    cubin, shared = _compile(kernel, signature, constexprs, attrs, num_warps, arch)
+    registers, spills, wide, narrow, sass = _resources(cubin)
+    signature, constexprs = dict(signature), dict(constexprs)
+    aligned = tuple(kernel.params[i].name for ((i,), _) in attrs)
+    per_thread, element_bytes = _elements_per_thread(signature, constexprs, num_warps)
+    loops = tuple(round(n / (per_thread * blocks), 2) for n, blocks in main_loop_lengths(
+        sass, per_thread * element_bytes, constexprs.get("BLOCK_SIZE", 0) or 1 << 40))
+    return KernelReport(name, arch, num_warps, constexprs, aligned, registers, spills, shared, wide, narrow, loops,
+                        [])
 
 
 def _launch_name(r, example):
