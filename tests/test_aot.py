@@ -28,7 +28,6 @@ def describe(r):
 
 
 def test_every_shipped_configuration_builds_for_both_architectures(reports):
-    from nanfuse.kernels import aot_check
 
     kernels = {r.kernel for r in reports}
     assert kernels == {"cross_entropy_kernel", "cross_entropy_stats_kernel", "softmax_forward_kernel",
