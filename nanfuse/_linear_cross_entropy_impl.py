@@ -127,11 +127,13 @@ def chunked_pass(input, linear_weight, linear_bias, target, weight, opts, scalar
 
 def _normalisers(input, target, weight, opts, n_classes):
     """(scalars the row kernel normalises by, scale): for mean and sum, the gradient the kernel writes is
-    the true one divided by `scale` (the weighted count for mean), so it stays of order 1 and a half-precision
-    chunk does not underflow (p / N in fp16); the losses and gradients are multiplied back by `scale`."""
+    the true one divided by `scale` (1 / the count of rows for mean), so it stays of order 1 whatever the
+    class weights' magnitude (w_y / mean weight) and a half-precision chunk neither underflows (p / N, or
+    p * 1e-4 for class weights of 1e-4, in fp16) nor overflows (class weights of 1e4); the losses and
+    gradients are multiplied back by `scale`."""
     scalars = normalizers(input, target, weight, opts, n_classes=n_classes)
     ce_norm, z_norm, weight_sum = scalars.unbind()
-    scale = torch.where(ce_norm != 0, ce_norm, torch.where(z_norm != 0, z_norm, 1.0))
+    scale = torch.where(z_norm != 0, z_norm, 1.0)  # z_norm is 0 only where no row counts (ce_norm 0 too)
     return torch.stack([ce_norm / scale, z_norm / scale, weight_sum]), scale
 
 

@@ -193,6 +193,18 @@ def test_half_precision_error_at_most_twice_pytorchs(dtype, opts):
         assert ours <= 2 * theirs + atol, f"{name}: error {ours:.3g} against PyTorch's {theirs:.3g}"
 
 
+@pytest.mark.parametrize("class_weight", [1e6, 1e-6])
+def test_half_precision_gradients_do_not_depend_on_the_class_weights_magnitude(class_weight):
+    """Uniform class weights cancel in the mean: the fp16 chunk's gradient is written relative to the mean class
+    weight, so weights of 1e6 do not overflow it to inf and weights of 1e-6 do not flush it to fp16's subnormals."""
+    x, w, b, t, _ = make_inputs(40, 16, 50, dtype=torch.float16, bias=True)
+    one = torch.tensor(1.0)
+    weighted = run(x, w, b, t, torch.full((50,), class_weight), one, chunk_rows=7)[0]
+    plain = run(x, w, b, t, None, one, chunk_rows=7)[0]
+    for name, a, e in zip(("loss", "d input", "d weight", "d bias"), weighted, plain):
+        torch.testing.assert_close(a, e, msg=name)
+
+
 def test_fp32_accumulation_beats_accumulating_in_bf16():
     """The default sums grad_weight in fp32 over the chunks; accumulate_in_weight_dtype=True sums in bf16.
     (The PyTorch row path: 256 one-row chunks through the Triton interpreter take 20 s and test nothing more.)"""
