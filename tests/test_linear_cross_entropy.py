@@ -205,6 +205,20 @@ def test_half_precision_gradients_do_not_depend_on_the_class_weights_magnitude(c
         torch.testing.assert_close(a, e, msg=name)
 
 
+def test_weight_dtype_accumulation_does_not_overflow_fp16():
+    """accumulate_in_weight_dtype=True sums each chunk's share already divided by the row count: an unscaled sum
+    over 400 rows of (p - 1) * 300 passes fp16's 65504, where the true gradient is about -200."""
+    x = (300 + torch.rand(400, 2)).half()
+    w = (torch.randn(3, 2) * 1e-3).half()
+    b = torch.randn(3).half()
+    t = torch.zeros(400, dtype=torch.long)
+    one = torch.tensor(1.0)
+    in_half = run(x, w, b, t, None, one, accumulate_in_weight_dtype=True, chunk_rows=150)[0]
+    in_fp32 = run(x, w, b, t, None, one, chunk_rows=150)[0]
+    for name, a, e in zip(("loss", "d input", "d weight", "d bias"), in_half, in_fp32):
+        torch.testing.assert_close(a, e, msg=name)
+
+
 def test_fp32_accumulation_beats_accumulating_in_bf16():
     """The default sums grad_weight in fp32 over the chunks; accumulate_in_weight_dtype=True sums in bf16.
     (The PyTorch row path: 256 one-row chunks through the Triton interpreter take 20 s and test nothing more.)"""
