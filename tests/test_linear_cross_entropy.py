@@ -219,6 +219,17 @@ def test_weight_dtype_accumulation_does_not_overflow_fp16():
         torch.testing.assert_close(a, e, msg=name)
 
 
+def test_zero_features_give_the_bias_logits():
+    """D = 0: the logits are the bias (or 0), as F.linear makes them."""
+    x, w, b, t = torch.randn(6, 0), torch.randn(5, 0), torch.randn(5), torch.randint(0, 5, (6,))
+    for bias in (None, b):
+        got = run(x, w, bias, t, None, torch.rand(6) + 0.5, reduction="none")
+        ref = reference(x, w, bias, t, None, got[1], reduction="none")
+        for name, a, e in zip(("loss", "d input", "d weight", "d bias"), got[0], ref):
+            if e is not None:
+                assert_close(a, e, torch.float32, name)
+
+
 def test_fp32_accumulation_beats_accumulating_in_bf16():
     """The default sums grad_weight in fp32 over the chunks; accumulate_in_weight_dtype=True sums in bf16.
     (The PyTorch row path: 256 one-row chunks through the Triton interpreter take 20 s and test nothing more.)"""
