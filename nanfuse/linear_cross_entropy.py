@@ -40,13 +40,22 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+class DtypeError(TypeError, RuntimeError):
+    """A tensor of a non-floating dtype: a TypeError as in nanfuse, and the RuntimeError F.linear raises."""
+
+
+def _check_floating(name, tensor):
+    if not isinstance(tensor, torch.Tensor):  # F.linear: TypeError
+        raise TypeError(f"{name} must be a floating-point tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise DtypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+
+
 def _check_args(input, linear_weight, linear_bias, target, weight, opts, chunk_rows, grad_enabled):
     """Raise, naming the argument, as F.linear and F.cross_entropy do (ArgumentError where they raise
     RuntimeError)."""
     for name, tensor in (("input", input), ("linear_weight", linear_weight)):
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got "
-                            f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+        _check_floating(name, tensor)
     if input.dim() == 0:
         raise ArgumentError("input must have a feature dimension: shape (D,), (N, D) or (..., D), got a scalar")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
@@ -55,8 +64,7 @@ def _check_args(input, linear_weight, linear_bias, target, weight, opts, chunk_r
     if linear_weight.shape[0] == 0:
         raise ArgumentError("linear_weight has no rows: no classes")
     if linear_bias is not None:
-        if not isinstance(linear_bias, torch.Tensor) or not linear_bias.is_floating_point():
-            raise TypeError("linear_bias must be a floating-point tensor or None")
+        _check_floating("linear_bias", linear_bias)
         if linear_bias.shape != linear_weight.shape[:1]:
             raise ArgumentError(f"linear_bias must have shape ({linear_weight.shape[0]},), got "
                                 f"{tuple(linear_bias.shape)}")

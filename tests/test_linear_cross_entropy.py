@@ -464,8 +464,14 @@ def test_bad_arguments_raise_pytorchs_exception_class_naming_the_argument():
                                 (dict(weight=torch.rand(4)), RuntimeError, "weight")]:
         with pytest.raises(error, match=name):
             linear_cross_entropy(x, w, t, **kwargs)
-    with pytest.raises(TypeError, match="input"):
-        linear_cross_entropy(x.long(), w, t)
+    integer = dict(input=x.long(), linear_weight=w.long(), linear_bias=b.long())
+    for name, value in integer.items():  # F.linear's RuntimeError, and a TypeError
+        args = dict(input=x, linear_weight=w, linear_bias=b) | {name: value}
+        for error in (TypeError, RuntimeError):
+            with pytest.raises(error, match=name):
+                linear_cross_entropy(args["input"], args["linear_weight"], t, linear_bias=args["linear_bias"])
+        with pytest.raises(RuntimeError):
+            F.linear(args["input"], args["linear_weight"], args["linear_bias"])
     with pytest.raises(ValueError, match="target"):
         linear_cross_entropy(x, w, torch.softmax(torch.randn(4, 5), 1).requires_grad_())
     with pytest.raises(RuntimeError, match="weight"):  # as F.cross_entropy with class indices
