@@ -44,6 +44,11 @@ class DtypeError(TypeError, RuntimeError):
     """A tensor of a non-floating dtype: a TypeError as in nanfuse, and the RuntimeError F.linear raises."""
 
 
+def _autocast_on(device_type):
+    """torch.is_autocast_enabled, False on devices without autocast (meta), where it raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _check_floating(name, tensor):
     if not isinstance(tensor, torch.Tensor):  # F.linear: TypeError
         raise TypeError(f"{name} must be a floating-point tensor, got {type(tensor).__name__}")
@@ -73,7 +78,7 @@ def _check_args(input, linear_weight, linear_bias, target, weight, opts, chunk_r
             continue
         if tensor.device != input.device:
             raise ArgumentError(f"{name} is on {tensor.device} but input is on {input.device}")
-        if tensor.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+        if tensor.dtype != input.dtype and not _autocast_on(input.device.type):
             raise ArgumentError(f"{name} has dtype {tensor.dtype} but input has {input.dtype} (outside autocast "
                                 "they must match, as in F.linear)")
     if not isinstance(target, torch.Tensor):
@@ -113,7 +118,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     grad_enabled = torch.is_grad_enabled()
     _check_args(input, linear_weight, linear_bias, target, weight, opts, chunk_rows, grad_enabled)
     device_type = input.device.type
-    if torch.is_autocast_enabled(device_type) and input.dtype == torch.float32:  # as F.linear under autocast
+    if _autocast_on(device_type) and input.dtype == torch.float32:  # as F.linear under autocast
         input = input.to(torch.get_autocast_dtype(device_type))
     n_classes = linear_weight.shape[0]
     out_shape = input.shape[:-1]

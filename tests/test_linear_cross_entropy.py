@@ -230,6 +230,18 @@ def test_zero_features_give_the_bias_logits():
                 assert_close(a, e, torch.float32, name)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_meta_tensors_give_meta_results_of_pytorchs_shapes(reduction):
+    x = torch.randn(2, 4, 3, device="meta", requires_grad=True)
+    w = torch.randn(5, 3, device="meta", requires_grad=True)
+    t = torch.zeros(2, 4, dtype=torch.long, device="meta")
+    loss = linear_cross_entropy(x, w, t, linear_bias=torch.randn(5, device="meta"), reduction=reduction)
+    expected = F.cross_entropy(F.linear(x, w).flatten(0, 1), t.flatten(), reduction=reduction)
+    assert loss.device.type == "meta" and loss.numel() == expected.numel()
+    loss.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and x.grad.device.type == "meta"
+
+
 def test_fp32_accumulation_beats_accumulating_in_bf16():
     """The default sums grad_weight in fp32 over the chunks; accumulate_in_weight_dtype=True sums in bf16.
     (The PyTorch row path: 256 one-row chunks through the Triton interpreter take 20 s and test nothing more.)"""
