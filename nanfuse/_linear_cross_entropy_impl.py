@@ -176,8 +176,8 @@ def forward_pass(input, linear_weight, linear_bias, target, weight, opts, chunk_
         loss = losses.sum() * scale
         final = (input.dtype, linear_weight.dtype, linear_weight.dtype)
         held = []
-        for role, (grad, dtype) in enumerate(zip((grad_input, grad_weight, grad_bias), final)):
-            if grad is not None and is_final(grad, dtype, role) and dtype.itemsize >= 4:
+        for grad, dtype in zip((grad_input, grad_weight, grad_bias), final):
+            if grad is not None and grad.dtype == dtype and dtype.itemsize >= 4:
                 grad.mul_(scale)  # final now: backward is free for an upstream factor of 1
             held.append(grad)
     return (loss, *held, scale)
