@@ -60,10 +60,12 @@ def _valid_rows(target, opts):
 
 
 def chunked_pass(input, linear_weight, linear_bias, target, weight, opts, scalars, chunk_rows, needs,
-                 grad_weight_dtype, grad_output=None):
+                 grad_weight_dtype, grad_output=None, scale=None):
     """(row losses or None, grad_input, grad_weight, grad_bias) of (N, D) input, each gradient None unless
     `needs` asks for it. Forward (grad_output None): gradients for the reduction's normalisers `scalars`,
     grad_input in the input dtype and grad_weight/grad_bias in grad_weight_dtype, summed over chunks in order.
+    A half-precision grad_weight_dtype sums each chunk's share times the 0-dim `scale` (so the sum is final:
+    an unscaled sum over N rows of order-1 terms would overflow fp16).
     With grad_output (N,): reduction='none' backward, each row's upstream factor folded in by the row kernel.
     """
     n_rows, n_features = input.shape
@@ -113,6 +115,8 @@ def chunked_pass(input, linear_weight, linear_bias, target, weight, opts, scalar
                 torch.mm(logits, w, out=grad_input[start:stop])
             else:
                 grad_input.index_copy_(0, index, torch.mm(logits, w))
+        if scale is not None and grad_weight_dtype.itemsize < 4 and (need_weight or need_bias):
+            logits.mul_(scale)  # computed in fp32, rounded once: as PyTorch's own half-precision gradient
         if need_weight:
             if mask_ignored:  # an ignored row may hold NaN: keep it out, as on CPU
                 x = torch.where((t != opts.ignore_index).unsqueeze(1), x, 0.0)
@@ -127,11 +131,13 @@ def chunked_pass(input, linear_weight, linear_bias, target, weight, opts, scalar
 
 def _normalisers(input, target, weight, opts, n_classes):
     """(scalars the row kernel normalises by, scale): for mean and sum, the gradient the kernel writes is
-    the true one divided by `scale` (the weighted count for mean), so it stays of order 1 and a half-precision
-    chunk does not underflow (p / N in fp16); the losses and gradients are multiplied back by `scale`."""
+    the true one divided by `scale` (1 / the count of rows for mean), so it stays of order 1 whatever the
+    class weights' magnitude (w_y / mean weight) and a half-precision chunk neither underflows (p / N, or
+    p * 1e-4 for class weights of 1e-4, in fp16) nor overflows (class weights of 1e4); the losses and
+    gradients are multiplied back by `scale`."""
     scalars = normalizers(input, target, weight, opts, n_classes=n_classes)
     ce_norm, z_norm, weight_sum = scalars.unbind()
-    scale = torch.where(ce_norm != 0, ce_norm, torch.where(z_norm != 0, z_norm, 1.0))
+    scale = torch.where(z_norm != 0, z_norm, 1.0)  # z_norm is 0 only where no row counts (ce_norm 0 too)
     return torch.stack([ce_norm / scale, z_norm / scale, weight_sum]), scale
 
 
@@ -165,12 +171,13 @@ def forward_pass(input, linear_weight, linear_bias, target, weight, opts, chunk_
             return losses, None, None, None, torch.ones((), dtype=acc, device=input.device)
         scalars, scale = _normalisers(input, target, weight, opts, n_classes)
         losses, grad_input, grad_weight, grad_bias = chunked_pass(
-            input, linear_weight, linear_bias, target, weight, opts, scalars, chunk_rows, needs, weight_acc)
+            input, linear_weight, linear_bias, target, weight, opts, scalars, chunk_rows, needs, weight_acc,
+            scale=scale)
         loss = losses.sum() * scale
         final = (input.dtype, linear_weight.dtype, linear_weight.dtype)
         held = []
         for grad, dtype in zip((grad_input, grad_weight, grad_bias), final):
-            if grad is not None and is_final(grad, dtype):
+            if grad is not None and grad.dtype == dtype and dtype.itemsize >= 4:
                 grad.mul_(scale)  # final now: backward is free for an upstream factor of 1
             held.append(grad)
     return (loss, *held, scale)
@@ -189,11 +196,12 @@ def backward_pass(kept, target, weight, held, scale, dtypes, opts, chunk_rows, f
             grads = chunked_pass(input, linear_weight, linear_bias, target, weight, opts, scalars, chunk_rows, needs,
                                  weight_acc, grad_output=d_loss)[1:]
         return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, final))
-    return tuple(None if not need or grad is None else finish(grad, d_loss if is_final(grad, dtype) else scale * d_loss,
-                                                              dtype)
-                 for grad, dtype, need in zip(held, final, needs))
+    return tuple(None if not need or grad is None
+                 else finish(grad, d_loss if is_final(grad, dtype, role) else scale * d_loss, dtype)
+                 for role, (grad, dtype, need) in enumerate(zip(held, final, needs)))
 
 
-def is_final(held, dtype):
-    """Whether forward_pass already scaled a held gradient: fp32/fp64 ones held in their final dtype."""
-    return held.dtype == dtype and dtype.itemsize >= 4
+def is_final(held, dtype, role):
+    """Whether a held gradient (role 0 input, 1 weight, 2 bias) is already scaled: fp32/fp64 ones held in their
+    final dtype (forward_pass scales them) and half-precision weight and bias sums (scaled chunk by chunk)."""
+    return held.dtype == dtype and (dtype.itemsize >= 4 or role > 0)

@@ -69,8 +69,8 @@ def _backward(ctx, d_loss, *_):
         grads = [g if need else None for g, need in zip(grads, needs)]
     else:
         final = (ctx.dtypes[0], ctx.dtypes[1], ctx.dtypes[1])
-        grads = [(g * (d_loss if is_final(g, dtype) else scale * d_loss)).to(dtype) if need else None
-                 for g, dtype, need in zip(held, final, needs)]
+        grads = [(g * (d_loss if is_final(g, dtype, role) else scale * d_loss)).to(dtype) if need else None
+                 for role, (g, dtype, need) in enumerate(zip(held, final, needs))]
     return (*grads,) + (None,) * 13
 
 

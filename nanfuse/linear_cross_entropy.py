@@ -40,13 +40,27 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+class DtypeError(TypeError, RuntimeError):
+    """A tensor of a non-floating dtype: a TypeError as in nanfuse, and the RuntimeError F.linear raises."""
+
+
+def _autocast_on(device_type):
+    """torch.is_autocast_enabled, False on devices without autocast (meta), where it raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _check_floating(name, tensor):
+    if not isinstance(tensor, torch.Tensor):  # F.linear: TypeError
+        raise TypeError(f"{name} must be a floating-point tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise DtypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+
+
 def _check_args(input, linear_weight, linear_bias, target, weight, opts, chunk_rows, grad_enabled):
     """Raise, naming the argument, as F.linear and F.cross_entropy do (ArgumentError where they raise
     RuntimeError)."""
     for name, tensor in (("input", input), ("linear_weight", linear_weight)):
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got "
-                            f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+        _check_floating(name, tensor)
     if input.dim() == 0:
         raise ArgumentError("input must have a feature dimension: shape (D,), (N, D) or (..., D), got a scalar")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
@@ -55,8 +69,7 @@ def _check_args(input, linear_weight, linear_bias, target, weight, opts, chunk_r
     if linear_weight.shape[0] == 0:
         raise ArgumentError("linear_weight has no rows: no classes")
     if linear_bias is not None:
-        if not isinstance(linear_bias, torch.Tensor) or not linear_bias.is_floating_point():
-            raise TypeError("linear_bias must be a floating-point tensor or None")
+        _check_floating("linear_bias", linear_bias)
         if linear_bias.shape != linear_weight.shape[:1]:
             raise ArgumentError(f"linear_bias must have shape ({linear_weight.shape[0]},), got "
                                 f"{tuple(linear_bias.shape)}")
@@ -65,7 +78,7 @@ def _check_args(input, linear_weight, linear_bias, target, weight, opts, chunk_r
             continue
         if tensor.device != input.device:
             raise ArgumentError(f"{name} is on {tensor.device} but input is on {input.device}")
-        if tensor.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+        if tensor.dtype != input.dtype and not _autocast_on(input.device.type):
             raise ArgumentError(f"{name} has dtype {tensor.dtype} but input has {input.dtype} (outside autocast "
                                 "they must match, as in F.linear)")
     if not isinstance(target, torch.Tensor):
@@ -105,11 +118,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     grad_enabled = torch.is_grad_enabled()
     _check_args(input, linear_weight, linear_bias, target, weight, opts, chunk_rows, grad_enabled)
     device_type = input.device.type
-    if torch.is_autocast_enabled(device_type) and input.dtype == torch.float32:  # as F.linear under autocast
+    if _autocast_on(device_type) and input.dtype == torch.float32:  # as F.linear under autocast
         input = input.to(torch.get_autocast_dtype(device_type))
     n_classes = linear_weight.shape[0]
     out_shape = input.shape[:-1]
-    flat_input = input.reshape(-1, input.shape[-1])
+    flat_input = input.reshape(math.prod(out_shape), input.shape[-1])  # not -1: D may be 0
     if flat_input.stride(-1) != 1:
         flat_input = flat_input.contiguous()
     prob_target = target.is_floating_point()

@@ -193,6 +193,55 @@ def test_half_precision_error_at_most_twice_pytorchs(dtype, opts):
         assert ours <= 2 * theirs + atol, f"{name}: error {ours:.3g} against PyTorch's {theirs:.3g}"
 
 
+@pytest.mark.parametrize("class_weight", [1e6, 1e-6])
+def test_half_precision_gradients_do_not_depend_on_the_class_weights_magnitude(class_weight):
+    """Uniform class weights cancel in the mean: the fp16 chunk's gradient is written relative to the mean class
+    weight, so weights of 1e6 do not overflow it to inf and weights of 1e-6 do not flush it to fp16's subnormals."""
+    x, w, b, t, _ = make_inputs(40, 16, 50, dtype=torch.float16, bias=True)
+    one = torch.tensor(1.0)
+    weighted = run(x, w, b, t, torch.full((50,), class_weight), one, chunk_rows=7)[0]
+    plain = run(x, w, b, t, None, one, chunk_rows=7)[0]
+    for name, a, e in zip(("loss", "d input", "d weight", "d bias"), weighted, plain):
+        torch.testing.assert_close(a, e, msg=name)
+
+
+def test_weight_dtype_accumulation_does_not_overflow_fp16():
+    """accumulate_in_weight_dtype=True sums each chunk's share already divided by the row count: an unscaled sum
+    over 100 rows of (p - 1) * 1500 passes fp16's 65504, where the true gradient is about -1000."""
+    x = (1500 + torch.rand(100, 2)).half()
+    w = (torch.randn(3, 2) * 1e-4).half()
+    b = torch.randn(3).half()
+    t = torch.zeros(100, dtype=torch.long)
+    one = torch.tensor(1.0)
+    in_half = run(x, w, b, t, None, one, accumulate_in_weight_dtype=True, chunk_rows=40)[0]
+    in_fp32 = run(x, w, b, t, None, one, chunk_rows=40)[0]
+    for name, a, e in zip(("loss", "d input", "d weight", "d bias"), in_half, in_fp32):
+        torch.testing.assert_close(a, e, msg=name)
+
+
+def test_zero_features_give_the_bias_logits():
+    """D = 0: the logits are the bias (or 0), as F.linear makes them."""
+    x, w, b, t = torch.randn(6, 0), torch.randn(5, 0), torch.randn(5), torch.randint(0, 5, (6,))
+    for bias in (None, b):
+        got = run(x, w, bias, t, None, torch.rand(6) + 0.5, reduction="none")
+        ref = reference(x, w, bias, t, None, got[1], reduction="none")
+        for name, a, e in zip(("loss", "d input", "d weight", "d bias"), got[0], ref):
+            if e is not None:
+                assert_close(a, e, torch.float32, name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_meta_tensors_give_meta_results_of_pytorchs_shapes(reduction):
+    x = torch.randn(2, 4, 3, device="meta", requires_grad=True)
+    w = torch.randn(5, 3, device="meta", requires_grad=True)
+    t = torch.zeros(2, 4, dtype=torch.long, device="meta")
+    loss = linear_cross_entropy(x, w, t, linear_bias=torch.randn(5, device="meta"), reduction=reduction)
+    expected = F.cross_entropy(F.linear(x, w).flatten(0, 1), t.flatten(), reduction=reduction)
+    assert loss.device.type == "meta" and loss.numel() == expected.numel()
+    loss.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and x.grad.device.type == "meta"
+
+
 def test_fp32_accumulation_beats_accumulating_in_bf16():
     """The default sums grad_weight in fp32 over the chunks; accumulate_in_weight_dtype=True sums in bf16.
     (The PyTorch row path: 256 one-row chunks through the Triton interpreter take 20 s and test nothing more.)"""
@@ -427,8 +476,14 @@ def test_bad_arguments_raise_pytorchs_exception_class_naming_the_argument():
                                 (dict(weight=torch.rand(4)), RuntimeError, "weight")]:
         with pytest.raises(error, match=name):
             linear_cross_entropy(x, w, t, **kwargs)
-    with pytest.raises(TypeError, match="input"):
-        linear_cross_entropy(x.long(), w, t)
+    integer = dict(input=x.long(), linear_weight=w.long(), linear_bias=b.long())
+    for name, value in integer.items():  # F.linear's RuntimeError, and a TypeError
+        args = dict(input=x, linear_weight=w, linear_bias=b) | {name: value}
+        for error in (TypeError, RuntimeError):
+            with pytest.raises(error, match=name):
+                linear_cross_entropy(args["input"], args["linear_weight"], t, linear_bias=args["linear_bias"])
+        with pytest.raises(RuntimeError):
+            F.linear(args["input"], args["linear_weight"], args["linear_bias"])
     with pytest.raises(ValueError, match="target"):
         linear_cross_entropy(x, w, torch.softmax(torch.randn(4, 5), 1).requires_grad_())
     with pytest.raises(RuntimeError, match="weight"):  # as F.cross_entropy with class indices
