@@ -233,8 +233,10 @@ def _plain_call(input, target):
     if input.numel() <= SMALL_CPU_LOGITS and input.shape[0]:
         low, high = torch.aminmax(target)
         if low.item() >= 0 and high.item() < input.shape[1]:  # CPU: reading them is free
-            return nn.functional.cross_entropy(input, target)
-        return None  # ignored rows or a bad index: the general path
+            loss = nn.functional.cross_entropy(input, target)
+            if loss.item() != math.inf:  # nll_loss sums the rows before it divides: an inf may be a finite mean
+                return loss
+        return None  # ignored rows, a bad index or an overflowed sum: the general path
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     return _apply_without_binding(input, target, None, DEFAULT_OPTIONS, compute_grad, False, None)[0]
 
