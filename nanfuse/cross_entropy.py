@@ -11,6 +11,7 @@ finite loss and gradient.
 import dataclasses
 import math
 import os
+import sys
 
 import torch
 from torch import nn
@@ -257,7 +258,7 @@ def _with_normalize_by(opts, normalize_by, input):
             divisor = divisor.to(input.device, non_blocking=True)
         return opts, divisor
     if isinstance(normalize_by, bool) or not isinstance(normalize_by, (int, float)) or normalize_by == 0 or not (
-            -math.inf < normalize_by < math.inf):
+            -sys.float_info.max <= normalize_by <= sys.float_info.max):  # False for NaN; an int float() overflows
         raise ValueError(f"normalize_by must be a nonzero finite number or a 0-dim tensor, got {normalize_by!r}")
     return dataclasses.replace(opts, normalize_by=float(normalize_by)), None
 
