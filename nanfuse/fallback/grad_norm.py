@@ -6,7 +6,8 @@ finite values, which can neither overflow nor underflow over the whole finite ra
 included), for any p. Pairs are combined like the kernel's partials, and the final norm is formed in
 log space, so it saturates instead of overflowing. In eager mode on CPU (where reading a value is
 free) the pieces' norms come first from PyTorch's norms, one read of G bytes: gradients of at most
-ROW elements in one fused foreach pass, larger ones as rows of ROW elements (PyTorch accumulates a
+ROW elements (WHOLE_IN_FP64 in fp64 where that is exact enough) in one fused foreach pass, larger ones as
+rows of ROW elements (PyTorch accumulates a
 norm in order, so fp32 over millions of values errs by 1e-3 and more; over 256, within 3e-6); only
 gradients with a piece whose direct norm may have overflowed, underflowed or met a NaN/Inf are read
 again, scaled. Elsewhere (CUDA with NANFUSE_BACKEND=torch, or under torch.compile) every tensor is one
@@ -25,6 +26,7 @@ from .._backend import may_read_values
 SAFE_SUM = {torch.float32: 2.0**-100, torch.float64: 2.0**-960}
 ROW = 256  # elements per piece: PyTorch's CPU norms accumulate in order, over 256 values within 3e-6
 FP64_MAX = torch.finfo(torch.float64).max
+WHOLE_IN_FP64 = 1 << 14  # up to this many elements an fp64-accumulated norm costs what ROW pieces do (CPU)
 HOST_PIECES = 4096  # at most this many pieces' norms are checked and combined in Python floats (CPU, eager)
 
 
@@ -93,14 +95,20 @@ def _robust_pairs(pieces, norm_type, acc):
 def _direct_norms(grads, norm_type, acc):
     """(fp64 norms of pieces, owner: the gradient of each piece, suspects: indices of gradients that have a piece
     whose direct norm may be wrong (non-finite, or a sum of p-th powers too small to trust)). Gradients of at
-    most ROW elements are one piece each, in one fused foreach pass; larger ones are pieces of ROW elements."""
-    small = [i for i, g in enumerate(grads) if g.numel() <= ROW]
+    most ROW elements (WHOLE_IN_FP64 where accumulated in fp64) are one piece each, in one fused foreach pass;
+    larger ones are pieces of ROW elements."""
+    # fp32/fp16/bf16 values' squares (abs values, maxima) in fp64 neither overflow nor underflow and add up exactly
+    # enough in any order: there, gradients up to WHOLE_IN_FP64 elements are one piece each (fewer, cheaper pieces)
+    in_fp64 = acc == torch.float32 and norm_type in (1.0, 2.0, math.inf)
+    whole = WHOLE_IN_FP64 if in_fp64 else ROW
+    small = [i for i, g in enumerate(grads) if g.numel() <= whole]
     norms = [None] * len(grads)
     if small:
-        for i, norm in zip(small, torch._foreach_norm([grads[i] for i in small], norm_type, dtype=acc)):
+        for i, norm in zip(small, torch._foreach_norm([grads[i] for i in small], norm_type,
+                                                      dtype=torch.float64 if in_fp64 else acc)):
             norms[i] = norm.reshape(1)
     for i, g in enumerate(grads):
-        if g.numel() > ROW:
+        if g.numel() > whole:
             norms[i] = _row_norms(g, norm_type, acc)
     flat = torch.cat(norms).double() if len(norms) > 1 else norms[0].double()
     safe = 0.0 if norm_type == math.inf else ROW * SAFE_SUM[acc]  # the max is exact; sums of p-th powers can lose
