@@ -164,6 +164,27 @@ def grad_norm(grads, max_norm, norm_type):
                   pair_log2(scale, total, norm_type))
 
 
+def host_norm(grads, norm_type):
+    """The norm of plain non-fp64 CPU gradients of at most WHOLE_IN_FP64 values each, in eager mode, as a Python
+    float: one fp64-accumulated foreach norm read on the host (exact enough, see _direct_norms). None where that
+    does not apply: another norm_type, device or dtype, a larger gradient, or a NaN/Inf (the general path counts
+    them). The common small-model case of NanGuard.step(), with no tensor made beyond the norms."""
+    if norm_type not in (1.0, 2.0, math.inf) or not may_read_values(grads[0]) or any(
+            type(g) is not torch.Tensor or g.dtype == torch.float64 or not g.is_cpu or g.numel() > WHOLE_IN_FP64
+            for g in grads):
+        return None
+    grads = [g for g in grads if g.numel()]  # an empty one has no infinity norm
+    if not grads:
+        return 0.0
+    values = torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float64)).tolist()
+    if not all(v < math.inf for v in values):  # a NaN or Inf (max() would pass over a NaN)
+        return None
+    top = max(values)
+    if norm_type == math.inf or top == 0.0:
+        return top
+    return top * math.fsum((v / top) ** norm_type for v in values) ** (1.0 / norm_type)
+
+
 def _host_result(norms, max_norm, norm_type, dtype):
     """grad_norm's result from the pieces' fp64 norms (all finite, none suspect) read into Python and combined
     there as combine_pairs and finish do (the largest, and the others' p-th powers relative to it), three small
