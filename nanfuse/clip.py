@@ -26,6 +26,8 @@ from . import _backend, _ops
 from ._grad_norm_impl import device_norm, norm_kind
 from .fallback import grad_norm as torch_path
 
+FP32_MAX = torch.finfo(torch.float32).max
+
 
 class GradNormReport(NamedTuple):
     """What one norm-and-check pass found; every field is a 0-dim tensor on the gradients' device."""
@@ -168,6 +170,11 @@ def _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale):
     if not grads:
         zero = torch.zeros(())
         return GradNormReport(zero, torch.ones(()), zero, torch.zeros((), dtype=torch.int64)), lambda coef: None
+    if inv_scale is None and process_group is None and not _backend.uses_triton(grads[0]) and (
+            not _backend.through_registered_ops()):
+        norm = torch_path.host_norm(grads, norm_type)  # CPU, eager, small gradients: None elsewhere
+        if norm is not None:
+            return _host_report(grads, norm, max_norm)
     dtype = torch_path.norm_dtype(grads)
     # group by (reduction groups, device): each group's local result, reduced where sharded
     buckets = collections.defaultdict(list)
@@ -200,6 +207,15 @@ def _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale):
                 scale_(coef.to(device, non_blocking=True))
 
     return report, scale_all
+
+
+def _host_report(grads, norm, max_norm):
+    """(report, scale_all) of finite fp32/fp16/bf16 CPU gradients from their norm, a Python float (fp64), as
+    torch_path.finish forms them: the norm saturated at fp32's max, the coefficient from the unsaturated norm."""
+    coef = 1.0 if max_norm is None else min(max_norm / (norm + 1e-6), 1.0)
+    total_norm, clip_coef, found_inf = torch.tensor([min(norm, FP32_MAX), coef, 0.0]).unbind()
+    report = GradNormReport(total_norm, clip_coef, found_inf, torch.zeros((), dtype=torch.int64))
+    return report, functools.partial(torch_path.scale_, grads)
 
 
 def grad_norm_check(parameters_or_tensors, max_norm=None, norm_type=2.0, *, process_group=None):

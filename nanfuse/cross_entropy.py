@@ -11,6 +11,7 @@ finite loss and gradient.
 import dataclasses
 import math
 import os
+import sys
 
 import torch
 from torch import nn
@@ -233,8 +234,10 @@ def _plain_call(input, target):
     if input.numel() <= SMALL_CPU_LOGITS and input.shape[0]:
         low, high = torch.aminmax(target)
         if low.item() >= 0 and high.item() < input.shape[1]:  # CPU: reading them is free
-            return nn.functional.cross_entropy(input, target)
-        return None  # ignored rows or a bad index: the general path
+            loss = nn.functional.cross_entropy(input, target)
+            if loss.item() != math.inf:  # nll_loss sums the rows before it divides: an inf may be a finite mean
+                return loss
+        return None  # ignored rows, a bad index or an overflowed sum: the general path
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     return _apply_without_binding(input, target, None, DEFAULT_OPTIONS, compute_grad, False, None)[0]
 
@@ -255,7 +258,7 @@ def _with_normalize_by(opts, normalize_by, input):
             divisor = divisor.to(input.device, non_blocking=True)
         return opts, divisor
     if isinstance(normalize_by, bool) or not isinstance(normalize_by, (int, float)) or normalize_by == 0 or not (
-            -math.inf < normalize_by < math.inf):
+            -sys.float_info.max <= normalize_by <= sys.float_info.max):  # False for NaN; an int float() overflows
         raise ValueError(f"normalize_by must be a nonzero finite number or a 0-dim tensor, got {normalize_by!r}")
     return dataclasses.replace(opts, normalize_by=float(normalize_by)), None
 

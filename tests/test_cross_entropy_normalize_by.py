@@ -91,7 +91,8 @@ def test_a_divisor_on_another_device_or_with_grad_is_taken_as_a_constant():
     assert divisor.grad is None
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, float("nan"), float("inf"), True, "3", torch.ones(2), torch.ones(1, 1)])
+@pytest.mark.parametrize("bad", [0, 0.0, float("nan"), float("inf"), 10**400, True, "3", torch.ones(2),
+                                 torch.ones(1, 1)], ids=lambda bad: repr(bad)[:24])
 def test_a_bad_normalize_by_is_refused_naming_it(bad):
     logits, target, _, _ = _problem({}, torch.float32)
     with pytest.raises(ValueError, match="normalize_by"):

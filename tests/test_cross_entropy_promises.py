@@ -239,6 +239,26 @@ def test_finite_logits_give_a_finite_loss_when_every_term_fits(magnitude, smooth
         assert loss[0] == float("inf")
 
 
+@pytest.mark.parametrize("n_classes", [3, 40_000], ids=["pytorch_ops", "twelve_ops"])
+@pytest.mark.parametrize("options", [{}, {"weight": True}], ids=["no_option", "weight"])
+def test_a_mean_whose_row_sum_overflows_stays_finite(n_classes, options):
+    # the promise holds for the mean itself, on the lean CPU paths too (no option: PyTorch's ops below
+    # SMALL_CPU_LOGITS, the 12-op path above): two rows of loss 3e38 sum past fp32's max, their mean does not
+    logits = torch.zeros(2, n_classes)
+    logits[:, 1] = -3e38
+    target = torch.tensor([1, 1])
+    weight = torch.ones(n_classes) if options.get("weight") else None
+    x = logits.clone().requires_grad_()
+    loss = nanfuse.cross_entropy(x, target, weight)
+    x_ref = logits.double().requires_grad_()
+    exact = cross_entropy_ref(x_ref, target, weight)
+    assert torch.isfinite(loss)
+    assert_close(loss, exact, torch.float32, "loss")
+    loss.backward()
+    exact.backward()
+    assert_close(x.grad, x_ref.grad, torch.float32, "gradient")
+
+
 def test_logit_scale_finiteness_bound():
     # the README's bound without softcap: finite while logit_scale * |x| fits in fp32; past it the scaled logits
     # overflow and the loss is NaN, as F.cross_entropy(x * logit_scale) gives

@@ -114,3 +114,34 @@ def test_guarded_optimizer_skips_a_nan_step_under_trainer(tmp_path):
     train(model, tmp_path, optimizer)
     assert optimizer.skipped_steps.item() == 1 and optimizer.guard.steps == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("given", ["int", "0-dim", "(1, 1) as DataParallel scatters it"])
+def test_every_form_of_num_items_trainer_passes_gives_the_stock_loss(given):
+    # an int (custom loops; transformers' own loss takes one), and under DataParallel a (1, 1) tensor per replica
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from nanfuse.integrations.transformers import causal_lm_loss
+
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 3:] = -100
+    num_items = {"int": 7, "0-dim": torch.tensor(7), "(1, 1) as DataParallel scatters it": torch.full((1, 1), 7.0)}
+    x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = causal_lm_loss(x, labels, 11, num_items_in_batch=num_items[given])
+    stock = ForCausalLMLoss(y, labels, 11, num_items_in_batch=num_items[given])
+    assert_close(ours, stock.double().reshape(()), torch.float32, "loss")
+    ours.backward()
+    stock.sum().backward()
+    assert_close(x.grad, y.grad.double(), torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("zero", [0, torch.tensor(0)], ids=["int", "tensor"])
+def test_no_target_in_the_whole_batch_gives_zero_whatever_the_type_of_num_items(zero):
+    # num_items_in_batch = 0: every label of every accumulated micro-batch ignored; an int 0 was refused
+    from nanfuse.integrations.transformers import causal_lm_loss
+
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    loss = causal_lm_loss(logits, torch.full((2, 5), -100), 11, num_items_in_batch=zero)
+    loss.backward()
+    assert loss.item() == 0.0 and not logits.grad.any()

@@ -7,6 +7,8 @@ max-subtracted log-softmax, then the loss terms and the gradient written straigh
 fp32 (fp64 for fp64 logits).
 """
 
+import math
+
 import torch
 
 from .._backend import may_read_values
@@ -153,15 +155,18 @@ def scale_grad(grad, factor):
 def plain_mean_forward(logits, target, compute_grad):
     """(mean loss, gradient or None) of fp32 logits against class indices with no option, in eight small ops (one
     read of the logits, one write of the gradient): log-softmax, then the gradient formed in its buffer. None where
-    that does not apply: a target outside [0, C) (ignored rows, or a bad index), or logits beyond one chunk."""
+    that does not apply: a target outside [0, C) (ignored rows, or a bad index), logits beyond one chunk, or rows
+    whose losses sum past fp32's max."""
     n_rows, n_classes = logits.shape
     if not n_rows or n_rows * n_classes > CHUNK_ELEMENTS:
         return None
-    low, high = torch.aminmax(target)
-    if low.item() < 0 or high.item() >= n_classes:  # CPU only: reading them is free
+    low, high = torch.stack(torch.aminmax(target)).tolist()  # CPU only: reading them is free (one read, not two)
+    if low < 0 or high >= n_classes:
         return None
     log_p = torch.log_softmax(logits, 1)
     loss = torch.nn.functional.nll_loss(log_p, target)  # the mean of -log p_y over the rows, all valid
+    if loss.item() == math.inf:  # nll_loss sums before it divides: the general path's mean of rows may be finite
+        return None
     if not compute_grad:
         return loss, None
     inv_rows = 1.0 / n_rows

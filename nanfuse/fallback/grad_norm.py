@@ -6,7 +6,8 @@ finite values, which can neither overflow nor underflow over the whole finite ra
 included), for any p. Pairs are combined like the kernel's partials, and the final norm is formed in
 log space, so it saturates instead of overflowing. In eager mode on CPU (where reading a value is
 free) the pieces' norms come first from PyTorch's norms, one read of G bytes: gradients of at most
-ROW elements in one fused foreach pass, larger ones as rows of ROW elements (PyTorch accumulates a
+ROW elements (WHOLE_IN_FP64 in fp64 where that is exact enough) in one fused foreach pass, larger ones as
+rows of ROW elements (PyTorch accumulates a
 norm in order, so fp32 over millions of values errs by 1e-3 and more; over 256, within 3e-6); only
 gradients with a piece whose direct norm may have overflowed, underflowed or met a NaN/Inf are read
 again, scaled. Elsewhere (CUDA with NANFUSE_BACKEND=torch, or under torch.compile) every tensor is one
@@ -25,6 +26,7 @@ from .._backend import may_read_values
 SAFE_SUM = {torch.float32: 2.0**-100, torch.float64: 2.0**-960}
 ROW = 256  # elements per piece: PyTorch's CPU norms accumulate in order, over 256 values within 3e-6
 FP64_MAX = torch.finfo(torch.float64).max
+WHOLE_IN_FP64 = 1 << 14  # up to this many elements an fp64-accumulated norm costs what ROW pieces do (CPU)
 HOST_PIECES = 4096  # at most this many pieces' norms are checked and combined in Python floats (CPU, eager)
 
 
@@ -93,14 +95,20 @@ def _robust_pairs(pieces, norm_type, acc):
 def _direct_norms(grads, norm_type, acc):
     """(fp64 norms of pieces, owner: the gradient of each piece, suspects: indices of gradients that have a piece
     whose direct norm may be wrong (non-finite, or a sum of p-th powers too small to trust)). Gradients of at
-    most ROW elements are one piece each, in one fused foreach pass; larger ones are pieces of ROW elements."""
-    small = [i for i, g in enumerate(grads) if g.numel() <= ROW]
+    most ROW elements (WHOLE_IN_FP64 where accumulated in fp64) are one piece each, in one fused foreach pass;
+    larger ones are pieces of ROW elements."""
+    # fp32/fp16/bf16 values' squares (abs values, maxima) in fp64 neither overflow nor underflow and add up exactly
+    # enough in any order: there, gradients up to WHOLE_IN_FP64 elements are one piece each (fewer, cheaper pieces)
+    in_fp64 = acc == torch.float32 and norm_type in (1.0, 2.0, math.inf)
+    whole = WHOLE_IN_FP64 if in_fp64 else ROW
+    small = [i for i, g in enumerate(grads) if g.numel() <= whole]
     norms = [None] * len(grads)
     if small:
-        for i, norm in zip(small, torch._foreach_norm([grads[i] for i in small], norm_type, dtype=acc)):
+        for i, norm in zip(small, torch._foreach_norm([grads[i] for i in small], norm_type,
+                                                      dtype=torch.float64 if in_fp64 else acc)):
             norms[i] = norm.reshape(1)
     for i, g in enumerate(grads):
-        if g.numel() > ROW:
+        if g.numel() > whole:
             norms[i] = _row_norms(g, norm_type, acc)
     flat = torch.cat(norms).double() if len(norms) > 1 else norms[0].double()
     safe = 0.0 if norm_type == math.inf else ROW * SAFE_SUM[acc]  # the max is exact; sums of p-th powers can lose
@@ -154,6 +162,27 @@ def grad_norm(grads, max_norm, norm_type):
     scale, total = combine_pairs(scales, sums, norm_type)
     return finish(pair_norm(scale, total, norm_type), torch.stack([nans, infs]), max_norm, dtype,
                   pair_log2(scale, total, norm_type))
+
+
+def host_norm(grads, norm_type):
+    """The norm of plain non-fp64 CPU gradients of at most WHOLE_IN_FP64 values each, in eager mode, as a Python
+    float: one fp64-accumulated foreach norm read on the host (exact enough, see _direct_norms). None where that
+    does not apply: another norm_type, device or dtype, a larger gradient, or a NaN/Inf (the general path counts
+    them). The common small-model case of NanGuard.step(), with no tensor made beyond the norms."""
+    if norm_type not in (1.0, 2.0, math.inf) or not may_read_values(grads[0]) or any(
+            type(g) is not torch.Tensor or g.dtype == torch.float64 or not g.is_cpu or g.numel() > WHOLE_IN_FP64
+            for g in grads):
+        return None
+    grads = [g for g in grads if g.numel()]  # an empty one has no infinity norm
+    if not grads:
+        return 0.0
+    values = torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float64)).tolist()
+    if not all(v < math.inf for v in values):  # a NaN or Inf (max() would pass over a NaN)
+        return None
+    top = max(values)
+    if norm_type == math.inf or top == 0.0:
+        return top
+    return top * math.fsum((v / top) ** norm_type for v in values) ** (1.0 / norm_type)
 
 
 def _host_result(norms, max_norm, norm_type, dtype):

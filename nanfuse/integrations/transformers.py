@@ -34,6 +34,11 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     shift_labels = shift_labels.reshape(-1).to(logits.device)
     if num_items_in_batch is None:
         return cross_entropy(logits, shift_labels, ignore_index=ignore_index)
+    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 1:
+        num_items_in_batch = num_items_in_batch.reshape(())  # DataParallel under Trainer: a (1, 1) per replica
+    elif not isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch == 0:
+        # an int 0 (every label ignored): what a tensor 0 gives, not normalize_by's refusal of a number 0
+        num_items_in_batch = logits.new_zeros(())
     # divided inside forward: the gradient written there is final, and backward moves nothing more
     return cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction="sum",
                          normalize_by=num_items_in_batch)
