@@ -283,16 +283,22 @@ def test_guards_in_threads_train_as_alone():
         assert all(torch.equal(a, b) for a, b in zip(together[key][0], alone[0][0]))
 
 
-def test_guard_state_round_trips_through_torch_save():
-    # issue 11 item 12: the README says state_dict() saves last_norm; it did not
-    model, guard = fused_guard()
+def three_steps_one_bad(model, stepper, bad_step, value):
+    """Three training steps of `stepper` (a guard or a guarded optimizer) on `model`, step `bad_step` with one
+    gradient value set to `value`."""
     for step in range(3):
         x, y = batch(step)
         nanfuse.cross_entropy(model(x), y).backward()
-        if step == 2:
-            model[0].bias.grad[0] = float("inf")
-        guard.step()
-        guard.zero_grad()
+        if step == bad_step:
+            model[0].bias.grad[0] = value
+        stepper.step()
+        stepper.zero_grad()
+
+
+def test_guard_state_round_trips_through_torch_save():
+    # issue 11 item 12: the README says state_dict() saves last_norm; it did not
+    model, guard = fused_guard()
+    three_steps_one_bad(model, guard, 2, float("inf"))
     buffer = io.BytesIO()
     torch.save(guard.state_dict(), buffer)
     buffer.seek(0)
@@ -311,13 +317,7 @@ def test_guarded_optimizer_copies_pickles_and_saves_the_guard():
 
     model = make_model()
     optimizer = GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1.0)
-    for step in range(3):
-        x, y = batch(step)
-        nanfuse.cross_entropy(model(x), y).backward()
-        if step == 1:
-            model[0].bias.grad[0] = float("nan")
-        optimizer.step()
-        optimizer.zero_grad()
+    three_steps_one_bad(model, optimizer, 1, float("nan"))
     for copied in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
         assert copied.guard.optimizer is copied.optimizer and copied.optimizer is not optimizer.optimizer
         assert copied.skipped_steps.item() == 1 and copied.guard.steps == 3
