@@ -173,8 +173,19 @@ def has_values(tensor: torch.Tensor) -> bool:
 
 
 def may_read_values(tensor: torch.Tensor) -> bool:
-    """True where reading a tensor's value into Python costs no device sync: CPU, in eager mode."""
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+    """True where reading a tensor's value into Python costs no device sync: CPU, in eager mode, with values (not
+    a FakeTensor)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling() and not isinstance(tensor, FakeTensor)
+
+
+def eager_pytorch_on_cpu(tensor: torch.Tensor) -> bool:
+    """True where an op on `tensor` runs the PyTorch path eagerly on the host: a CPU tensor with values (not a
+    FakeTensor), not the interpreter, not through the registered ops, not under torch.compile. There, values are
+    read for free and a small call may use PyTorch's own ops. One check for the per-call fast paths (cheaper than
+    its parts called apart)."""
+    state = _thread_state.__dict__
+    return (tensor.is_cpu and (state.get("override") or _env_backend) != "interpret" and not state.get("ops_in_eager")
+            and not torch.compiler.is_compiling() and not isinstance(tensor, FakeTensor))
 
 
 def through_registered_ops() -> bool:

@@ -160,21 +160,21 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
     report is of the gradients times inv_scale, read as they are (no unscaling pass first). Both run under
     torch.no_grad(), as PyTorch's clip: gradients from backward(create_graph=True) are scaled unrecorded.
     """
+    norm_type, _ = norm_kind(norm_type)
+    max_norm = check_max_norm(max_norm)
+    if grads and inv_scale is None and process_group is None and _backend.eager_pytorch_on_cpu(grads[0]):
+        # small CPU gradients that autograd does not track (so no no_grad() needed): norm read on the host
+        norm = torch_path.host_norm(grads, norm_type)  # None elsewhere
+        if norm is not None:
+            return _host_report(grads, norm, max_norm)
     with torch.no_grad():  # a context, not a decorator: Dynamo leaves grad mode off after a decorated call
         return _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale)
 
 
 def _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale):
-    norm_type, _ = norm_kind(norm_type)
-    max_norm = check_max_norm(max_norm)
     if not grads:
         zero = torch.zeros(())
         return GradNormReport(zero, torch.ones(()), zero, torch.zeros((), dtype=torch.int64)), lambda coef: None
-    if inv_scale is None and process_group is None and not _backend.uses_triton(grads[0]) and (
-            not _backend.through_registered_ops()):
-        norm = torch_path.host_norm(grads, norm_type)  # CPU, eager, small gradients: None elsewhere
-        if norm is not None:
-            return _host_report(grads, norm, max_norm)
     dtype = torch_path.norm_dtype(grads)
     # group by (reduction groups, device): each group's local result, reduced where sharded
     buckets = collections.defaultdict(list)
@@ -213,8 +213,9 @@ def _host_report(grads, norm, max_norm):
     """(report, scale_all) of finite fp32/fp16/bf16 CPU gradients from their norm, a Python float (fp64), as
     torch_path.finish forms them: the norm saturated at fp32's max, the coefficient from the unsaturated norm."""
     coef = 1.0 if max_norm is None else min(max_norm / (norm + 1e-6), 1.0)
-    total_norm, clip_coef, found_inf = torch.tensor([min(norm, FP32_MAX), coef, 0.0]).unbind()
-    report = GradNormReport(total_norm, clip_coef, found_inf, torch.zeros((), dtype=torch.int64))
+    # four scalar_tensor calls cost less than one torch.tensor([...]) and its unbind
+    report = GradNormReport(torch.scalar_tensor(min(norm, FP32_MAX)), torch.scalar_tensor(coef),
+                            torch.scalar_tensor(0.0), torch.scalar_tensor(0, dtype=torch.int64))
     return report, functools.partial(torch_path.scale_, grads)
 
 

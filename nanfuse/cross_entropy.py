@@ -212,34 +212,36 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 _apply_without_binding = super(torch.autograd.Function, CrossEntropyFunction).apply
 
 
-# At most this many fp32 logits on CPU, the common case is PyTorch's own log_softmax + nll_loss: the same math as
-# the fallback's (every target in [0, C), none ignored, so the same results up to fp32 rounding), in C++, where on
-# so few logits nanfuse's Python costs more than the passes over memory it saves (`nanfuse bench --only overhead`).
+# At most this many fp32 logits on CPU, the common case is PyTorch's own cross_entropy: the same math as the
+# fallback's (class indices in [0, C), -100 rows ignored, the mean over the others), in C++, where on so few
+# logits nanfuse's Python costs more than the passes over memory it saves (`nanfuse bench --only overhead`).
 # Beyond it the fallback runs, which writes the gradient in forward.
 SMALL_CPU_LOGITS = 1 << 16
 
 
 def _plain_call(input, target):
-    """The loss of the common case, or None where this is not it: fp32 (N, C) CPU logits on the PyTorch path
-    against int64 class indices, eagerly. The keyword options are for the caller to check. Skips the general
-    argument handling: only what this case needs is checked, and forward checks the targets' range."""
+    """The loss of the common case, or None where this is not it: fp32 CPU logits on the PyTorch path against
+    int64 class indices, eagerly. The keyword options are for the caller to check. Skips the general argument
+    handling: up to SMALL_CPU_LOGITS, PyTorch's own call checks the rest, and whatever it refuses (a bad index or
+    shape) or gets wrong for nanfuse (all rows ignored: NaN; a row sum past fp32's max: inf) is redone on the
+    general path, which names the bad argument and keeps the loss finite: one host read of the loss, free on CPU."""
     if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.dtype is torch.float32
-            and target.dtype is torch.int64 and input.dim() == 2 and target.dim() == 1 and input.is_cpu
-            and target.is_cpu and input.layout is torch.strided and input.shape[0] == target.shape[0]
-            and input.shape[1] and input.stride(1) == 1 and target.stride(0) == 1):
+            and target.dtype is torch.int64 and target.is_cpu and input.layout is torch.strided
+            and _backend.eager_pytorch_on_cpu(input) and torch._C._functorch.peek_interpreter_stack() is None):
         return None
-    if (_backend.uses_triton(input) or _backend.through_registered_ops() or not _backend.may_read_values(target)
-            or torch._C._functorch.peek_interpreter_stack() is not None):
-        return None
-    if input.numel() <= SMALL_CPU_LOGITS and input.shape[0]:
-        low, high = torch.aminmax(target)
-        if low.item() >= 0 and high.item() < input.shape[1]:  # CPU: reading them is free
+    if input.numel() <= SMALL_CPU_LOGITS:
+        try:
             loss = nn.functional.cross_entropy(input, target)
-            if loss.item() != math.inf:  # nll_loss sums the rows before it divides: an inf may be a finite mean
-                return loss
-        return None  # ignored rows, a bad index or an overflowed sum: the general path
-    compute_grad = input.requires_grad and torch.is_grad_enabled()
-    return _apply_without_binding(input, target, None, DEFAULT_OPTIONS, compute_grad, False, None)[0]
+        except (IndexError, ValueError, RuntimeError):
+            return None
+        # nll_loss sums the rows before it divides: an inf may be a finite mean; NaN: every row ignored (0 here),
+        # or NaN logits (NaN on the general path too)
+        return loss if loss.item() < math.inf else None
+    if (input.dim() == 2 and target.dim() == 1 and input.shape[0] == target.shape[0] and input.stride(1) == 1
+            and target.stride(0) == 1):
+        compute_grad = input.requires_grad and torch.is_grad_enabled()
+        return _apply_without_binding(input, target, None, DEFAULT_OPTIONS, compute_grad, False, None)[0]
+    return None
 
 
 def _is_number(value, default):

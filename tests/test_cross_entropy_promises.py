@@ -304,6 +304,21 @@ def test_meta_tensors_give_shaped_meta_results(shape, reduction):
         assert grad.device.type == "meta" and grad.shape == x.shape
 
 
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, reduction="sum")], ids=["plain", "options"])
+@pytest.mark.parametrize("shape", [(8, 10), (64, 2000)], ids=["small", "beyond SMALL_CPU_LOGITS"])
+def test_fake_cpu_tensors_give_fake_results(shape, options):
+    # FakeTensorMode (shape propagation, tracing) on CPU: the fast paths used to read the fake targets or loss on
+    # the host (DataDependentOutputException)
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(shape, requires_grad=True)
+        loss = nanfuse.cross_entropy(x, torch.randint(0, shape[1], shape[:1]), **options)
+        (grad,) = torch.autograd.grad(loss, x)
+    assert isinstance(loss, FakeTensor) and loss.shape == () and loss.dtype == torch.float32
+    assert isinstance(grad, FakeTensor) and grad.shape == shape
+
+
 # ---------------------------------------------------------------- item 13: PyTorch's argument rules
 
 

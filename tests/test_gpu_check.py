@@ -16,7 +16,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_dry_run_writes_the_report(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), NANFUSE_BACKEND="torch")
+    # the script runs `python3`: this interpreter's, even where its venv is not activated
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = dict(os.environ, OUT=str(tmp_path), NANFUSE_BACKEND="torch", PATH=path)
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu-check.sh"), "--dry-run"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -284,7 +284,7 @@ def test_backward_takes_the_path_its_forward_took(monkeypatch):
 
     calls, original = [], fallback.softmax_backward
     monkeypatch.setattr(fallback, "softmax_backward", lambda *args: calls.append(1) or original(*args))
-    x = torch.randn(3, 5, requires_grad=True)
+    x = torch.randn(3, 5, dtype=torch.bfloat16, requires_grad=True)  # fp32 on the host is PyTorch's own op
     with nanfuse.use_backend("torch"):
         y = nanfuse.softmax(x)
     y.backward(torch.randn_like(y))
@@ -324,7 +324,7 @@ def test_backward_keeps_forwards_choice_when_the_backend_changes(through, monkey
     if through == "compiled":
         torch._dynamo.reset()
         f = torch.compile(f, backend="aot_eager", fullgraph=True)
-    x = torch.randn(3, 5, requires_grad=True)
+    x = torch.randn(3, 5, dtype=torch.bfloat16, requires_grad=True)  # fp32 on the host is PyTorch's own op
     with registered_ops(through == "registered_op"), nanfuse.use_backend("torch"):
         y = f(x)
     monkeypatch.setattr(_backend, "uses_triton", lambda tensor: True)

@@ -7,6 +7,8 @@ take the autograd Functions directly and only torch.compile goes through the ops
 op" column is what eager calls would cost had every call gone through them.
 """
 
+import contextlib
+import math
 import time
 
 import torch
@@ -19,22 +21,32 @@ from .. import _backend
 CALLS = 300
 
 
-def _per_call_us(fn, device, calls=None, samples=7):
-    """Fastest over samples of the mean microseconds per call in a loop of `calls` calls (device synced): on a
-    shared machine the least disturbed sample is the closest to the call's own cost."""
+def _block_us(fn, device, calls):
+    """Mean microseconds per call over one block of `calls` calls (device synced)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def _per_call_us(runs, device, calls=None, samples=11):
+    """Microseconds per call of each (function, context) in `runs`: the fastest of `samples` blocks. The runs'
+    blocks take turns, so a machine that speeds up or slows down over the run (a shared host, clock changes)
+    weighs on all of them alike; on a shared machine the least disturbed block is the closest to a call's cost."""
     calls = calls or CALLS  # read at call time, so the tests' smaller CALLS takes effect
-    fn()
-    times = []
-    for _ in range(samples):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
+    for fn, context in runs:  # warm-up
+        with context():
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return min(times)
+    best = [math.inf] * len(runs)
+    for _ in range(samples):
+        for i, (fn, context) in enumerate(runs):
+            with context():
+                best[i] = min(best[i], _block_us(fn, device, calls))
+    return best
 
 
 def cases(device):
@@ -120,10 +132,10 @@ def measure(device):
     rows = []
     with _backend.without_interpreter():
         for name, ours, theirs in cases(device):
-            eager = _per_call_us(ours, device)
-            with _backend.registered_ops():
-                registered = _per_call_us(ours, device)
-            rows.append(dict(op=name, eager_us=eager, registered_us=registered, torch_us=_per_call_us(theirs, device)))
+            eager, registered, torch_us = _per_call_us(
+                [(ours, contextlib.nullcontext), (ours, _backend.registered_ops), (theirs, contextlib.nullcontext)],
+                device)
+            rows.append(dict(op=name, eager_us=eager, registered_us=registered, torch_us=torch_us))
     return rows
 
 

@@ -167,11 +167,12 @@ def grad_norm(grads, max_norm, norm_type):
 def host_norm(grads, norm_type):
     """The norm of plain non-fp64 CPU gradients of at most WHOLE_IN_FP64 values each, in eager mode, as a Python
     float: one fp64-accumulated foreach norm read on the host (exact enough, see _direct_norms). None where that
-    does not apply: another norm_type, device or dtype, a larger gradient, or a NaN/Inf (the general path counts
-    them). The common small-model case of NanGuard.step(), with no tensor made beyond the norms."""
+    does not apply: another norm_type, device or dtype, a larger gradient, one autograd tracks (create_graph=True:
+    the general path runs under no_grad), or a NaN/Inf (the general path counts them). The common small-model
+    case of NanGuard.step(), with no tensor made beyond the norms."""
     if norm_type not in (1.0, 2.0, math.inf) or not may_read_values(grads[0]) or any(
             type(g) is not torch.Tensor or g.dtype == torch.float64 or not g.is_cpu or g.numel() > WHOLE_IN_FP64
-            for g in grads):
+            or g.requires_grad for g in grads):
         return None
     grads = [g for g in grads if g.numel()]  # an empty one has no infinity norm
     if not grads:
