@@ -163,7 +163,8 @@ def uses_triton(tensor: torch.Tensor) -> bool:
             raise RuntimeError(f"NANFUSE_BACKEND=triton, but the Triton kernels cannot run on cuda:{index}: "
                                f"{unsupported_gpu_reason(index)}; use NANFUSE_BACKEND=auto for the PyTorch path")
         return False
-    return backend == "interpret" and tensor.device.type == "cpu"
+    # the interpreter runs on values: a FakeTensor (FakeTensorMode) takes the PyTorch path, which propagates shapes
+    return backend == "interpret" and tensor.device.type == "cpu" and not isinstance(tensor, FakeTensor)
 
 
 def has_values(tensor: torch.Tensor) -> bool:
