@@ -521,3 +521,18 @@ def test_cheap_and_exact_partials_agree_around_their_thresholds(scale, norm_type
     report = nanfuse.grad_norm_check([g.clone() for g in grads], 1.0, norm_type)
     assert report.found_inf.item() == 0.0 and report.nonfinite_count.item() == 0
     assert_close(report.total_norm, ref.clamp(max=torch.finfo(torch.float32).max), torch.float32, "norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gradients_widened_in_parts_give_the_same_norm(dtype, monkeypatch):
+    # the CPU path widens a large half-precision gradient to fp32 a part at a time (fewer page faults): the same
+    # rows, so the same norm to the bit, within the README's bound of the float64 norm
+    from nanfuse.fallback import grad_norm as torch_grad_norm
+
+    p = torch.nn.Parameter(torch.empty(20_000, dtype=dtype))
+    p.grad = (torch.randn(20_000) * 3).to(dtype)  # beyond WHOLE_IN_FP64: rows of ROW elements, the last one short
+    whole = nanfuse.grad_norm_check([p]).total_norm
+    monkeypatch.setattr(torch_grad_norm, "WIDEN_ELEMENTS", 1024)
+    in_parts = nanfuse.grad_norm_check([p]).total_norm
+    assert torch.equal(in_parts, whole)
+    assert_close(in_parts, grad_norm_ref([p.grad]), torch.float32, "norm")
