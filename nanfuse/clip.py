@@ -173,8 +173,9 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
 
 def _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale):
     if not grads:
-        zero = torch.zeros(())
-        return GradNormReport(zero, torch.ones(()), zero, torch.zeros((), dtype=torch.int64)), lambda coef: None
+        zero = torch.zeros((), dtype=torch.float32)
+        return GradNormReport(zero, torch.ones((), dtype=torch.float32), zero,
+                              torch.zeros((), dtype=torch.int64)), lambda coef: None
     dtype = torch_path.norm_dtype(grads)
     # group by (reduction groups, device): each group's local result, reduced where sharded
     buckets = collections.defaultdict(list)
@@ -214,8 +215,10 @@ def _host_report(grads, norm, max_norm):
     torch_path.finish forms them: the norm saturated at fp32's max, the coefficient from the unsaturated norm."""
     coef = 1.0 if max_norm is None else min(max_norm / (norm + 1e-6), 1.0)
     # four scalar_tensor calls cost less than one torch.tensor([...]) and its unbind
-    report = GradNormReport(torch.scalar_tensor(min(norm, FP32_MAX)), torch.scalar_tensor(coef),
-                            torch.scalar_tensor(0.0), torch.scalar_tensor(0, dtype=torch.int64))
+    fp32 = torch.float32  # whatever torch.get_default_dtype() says
+    report = GradNormReport(torch.scalar_tensor(min(norm, FP32_MAX), dtype=fp32),
+                            torch.scalar_tensor(coef, dtype=fp32), torch.scalar_tensor(0.0, dtype=fp32),
+                            torch.scalar_tensor(0, dtype=torch.int64))
     return report, functools.partial(torch_path.scale_, grads)
 
 

@@ -536,3 +536,17 @@ def test_half_gradients_widened_in_parts_give_the_same_norm(dtype, monkeypatch):
     in_parts = nanfuse.grad_norm_check([p]).total_norm
     assert torch.equal(in_parts, whole)
     assert_close(in_parts, grad_norm_ref([p.grad]), torch.float32, "norm")
+
+
+@pytest.mark.parametrize("numel", [0, 5, 20_000], ids=["none", "host path", "general path"])
+def test_report_dtypes_do_not_follow_the_default_dtype(numel, device):
+    # the report of fp32 gradients is fp32 even under torch.set_default_dtype(torch.float64)
+    p = torch.nn.Parameter(torch.empty(numel, device=device))
+    p.grad = torch.randn(numel, device=device) if numel else None
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        report = nanfuse.clip_and_check_([p], 1.0)
+    finally:
+        torch.set_default_dtype(previous)
+    assert [t.dtype for t in report] == [torch.float32] * 3 + [torch.int64]
