@@ -121,6 +121,19 @@ def test_empty_inputs(device):
     assert nanfuse.clip_grad_norm_(torch.nn.Parameter(torch.ones(1, device=device)), 1.0).item() == 0.0
 
 
+@pytest.mark.parametrize("max_norm", [None, 0.0, 1e-7, 1.0])
+def test_no_gradients_report_what_empty_gradients_report(max_norm, device):
+    # no gradient at all (an empty list, or every .grad None) has a norm of 0, as empty or all-zero gradients do:
+    # its clip_coef is min(max_norm / (0 + 1e-6), 1) too (it was 1 whatever max_norm)
+    frozen = torch.nn.Parameter(torch.ones(2, device=device))
+    nothing = [nanfuse.grad_norm_check([], max_norm), nanfuse.clip_and_check_([frozen], max_norm)]
+    for empty in (torch.zeros(0, device=device), torch.zeros(3, device=device)):
+        expected = nanfuse.grad_norm_check([empty], max_norm)
+        for report in nothing:
+            assert [(t.dtype, t.item()) for t in report] == [(t.dtype, t.item()) for t in expected]
+    assert nothing[0].total_norm is not nothing[0].found_inf  # separate tensors, as everywhere else
+
+
 def test_reproducible_bit_for_bit(device):
     params = make_params(device, sizes=(70_000, 123, 50_000))
     norms = [nanfuse.grad_norm_check(params, 1.0).total_norm for _ in range(3)]
