@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Shard
@@ -80,6 +81,8 @@ def _memory_key(tensor):
 def _unique(grads):
     """The gradients with repeats of the same memory (same tensor twice, or an identical view) left out: each
     is counted in the norm and scaled once."""
+    if grads and isinstance(grads[0], FakeTensor):  # FakeTensorMode: no memory to compare, only the same tensor
+        return list({id(g): g for g in grads}.values())
     if DTensor is None or not any(isinstance(g, DTensor) for g in grads):
         if len({g.data_ptr() for g in grads}) == len(grads):  # the common case, checked cheaply
             return grads

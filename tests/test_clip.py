@@ -563,3 +563,23 @@ def test_report_dtypes_do_not_follow_the_default_dtype(numel, device):
     finally:
         torch.set_default_dtype(previous)
     assert [t.dtype for t in report] == [torch.float32] * 3 + [torch.int64]
+
+
+@pytest.mark.parametrize("numel", [5, 20_000], ids=["small", "large"])
+def test_fake_gradients_give_fake_reports_without_reading_memory(numel):
+    # FakeTensorMode (tracing, shape propagation): the same-memory check read each FakeTensor's data_ptr (a
+    # warning that it "will error"), and took fakes of one shape for the same memory
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with FakeTensorMode():
+            params = [torch.nn.Parameter(torch.randn(numel, dtype=dtype)) for dtype in
+                      (torch.float32, torch.float32, torch.bfloat16)]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            report = nanfuse.clip_and_check_(params + params[:1], 1.0)
+            gradients = nanfuse.clip._gradients(params + params[:1], True)
+    assert all(isinstance(t, FakeTensor) and t.shape == () for t in report)
+    assert [t.dtype for t in report] == [torch.float32] * 3 + [torch.int64]
+    assert [id(g) for g in gradients] == [id(p.grad) for p in params]  # the same tensor twice is still one
