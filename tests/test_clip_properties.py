@@ -122,9 +122,9 @@ def test_clip_matches_the_float64_reference_on_every_input(grads, norm_type, rel
 
 
 # the CPU host path (small non-fp64 gradients, norm_type 1, 2 or inf: one fp64 foreach norm read into Python) must
-# give what the general path gives: the PyTorch path with the host path turned off, or under the interpreter the
-# kernels. Sizes around its limit (WHOLE_IN_FP64) and the PyTorch path's rows (ROW); every norm_type, including
-# those the host path leaves to the general path
+# give what the general path gives: the PyTorch path with the host path turned off (and large half-precision
+# gradients widened in parts of 2 * ROW values), or under the interpreter the kernels. Sizes around its limit
+# (WHOLE_IN_FP64) and the PyTorch path's rows (ROW); every norm_type, including those the host path leaves alone
 HOST_SIZES = [0, 1, 2, 5, 255, 256, 257, 16384, 16385]
 HOST_NORM_TYPES = [1.0, 2.0, math.inf, 0.5, 3.0]
 
@@ -154,11 +154,13 @@ def run_host_or_general(grads, max_norm, norm_type, host, create_graph=False):
         if create_graph:  # as backward(create_graph=True) leaves it: a gradient autograd tracks
             p.grad = p.grad.requires_grad_() * 1
         params.append(p)
+    context = contextlib.ExitStack()
     if INTERPRETED:  # the host path is the PyTorch backend's; the general path, the kernels
-        context = nanfuse.use_backend("torch") if host else contextlib.nullcontext()
-    else:
-        context = contextlib.nullcontext() if host else mock.patch.object(torch_grad_norm, "host_norm",
-                                                                           lambda grads, norm_type: None)
+        if host:
+            context.enter_context(nanfuse.use_backend("torch"))
+    elif not host:  # the PyTorch path without the host path, half-precision gradients widened 512 values at a time
+        context.enter_context(mock.patch.object(torch_grad_norm, "host_norm", lambda grads, norm_type: None))
+        context.enter_context(mock.patch.object(torch_grad_norm, "WIDEN_ELEMENTS", 2 * torch_grad_norm.ROW))
     graphs = [p.grad.grad_fn for p in params]
     with context:
         report = nanfuse.clip_and_check_(params, max_norm, norm_type)
