@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Shard
@@ -80,6 +81,8 @@ def _memory_key(tensor):
 def _unique(grads):
     """The gradients with repeats of the same memory (same tensor twice, or an identical view) left out: each
     is counted in the norm and scaled once."""
+    if grads and isinstance(grads[0], FakeTensor):  # FakeTensorMode: no memory to compare, only the same tensor
+        return list({id(g): g for g in grads}.values())
     if DTensor is None or not any(isinstance(g, DTensor) for g in grads):
         if len({g.data_ptr() for g in grads}) == len(grads):  # the common case, checked cheaply
             return grads
@@ -172,10 +175,8 @@ def norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale=None):
 
 
 def _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale):
-    if not grads:
-        zero = torch.zeros((), dtype=torch.float32)
-        return GradNormReport(zero, torch.ones((), dtype=torch.float32), zero,
-                              torch.zeros((), dtype=torch.int64)), lambda coef: None
+    if not grads:  # no gradient values: a norm of 0 and its coefficient, as for empty gradients
+        return _host_report(grads, 0.0, max_norm)[0], lambda coef: None
     dtype = torch_path.norm_dtype(grads)
     # group by (reduction groups, device): each group's local result, reduced where sharded
     buckets = collections.defaultdict(list)
@@ -211,8 +212,8 @@ def _norm_check_scale(grads, max_norm, norm_type, process_group, inv_scale):
 
 
 def _host_report(grads, norm, max_norm):
-    """(report, scale_all) of finite fp32/fp16/bf16 CPU gradients from their norm, a Python float (fp64), as
-    torch_path.finish forms them: the norm saturated at fp32's max, the coefficient from the unsaturated norm."""
+    """(report, scale_all) of finite fp32/fp16/bf16 CPU gradients (or none) from their norm, a Python float (fp64),
+    as torch_path.finish forms them: the norm saturated at fp32's max, the coefficient from the unsaturated norm."""
     coef = 1.0 if max_norm is None else min(max_norm / (norm + 1e-6), 1.0)
     # four scalar_tensor calls cost less than one torch.tensor([...]) and its unbind
     fp32 = torch.float32  # whatever torch.get_default_dtype() says

@@ -121,6 +121,19 @@ def test_empty_inputs(device):
     assert nanfuse.clip_grad_norm_(torch.nn.Parameter(torch.ones(1, device=device)), 1.0).item() == 0.0
 
 
+@pytest.mark.parametrize("max_norm", [None, 0.0, 1e-7, 1.0])
+def test_no_gradients_report_what_empty_gradients_report(max_norm, device):
+    # no gradient at all (an empty list, or every .grad None) has a norm of 0, as empty or all-zero gradients do:
+    # its clip_coef is min(max_norm / (0 + 1e-6), 1) too (it was 1 whatever max_norm)
+    frozen = torch.nn.Parameter(torch.ones(2, device=device))
+    nothing = [nanfuse.grad_norm_check([], max_norm), nanfuse.clip_and_check_([frozen], max_norm)]
+    for empty in (torch.zeros(0, device=device), torch.zeros(3, device=device)):
+        expected = nanfuse.grad_norm_check([empty], max_norm)
+        for report in nothing:
+            assert [(t.dtype, t.item()) for t in report] == [(t.dtype, t.item()) for t in expected]
+    assert nothing[0].total_norm is not nothing[0].found_inf  # separate tensors, as everywhere else
+
+
 def test_reproducible_bit_for_bit(device):
     params = make_params(device, sizes=(70_000, 123, 50_000))
     norms = [nanfuse.grad_norm_check(params, 1.0).total_norm for _ in range(3)]
@@ -550,3 +563,23 @@ def test_report_dtypes_do_not_follow_the_default_dtype(numel, device):
     finally:
         torch.set_default_dtype(previous)
     assert [t.dtype for t in report] == [torch.float32] * 3 + [torch.int64]
+
+
+@pytest.mark.parametrize("numel", [5, 20_000], ids=["small", "large"])
+def test_fake_gradients_give_fake_reports_without_reading_memory(numel):
+    # FakeTensorMode (tracing, shape propagation): the same-memory check read each FakeTensor's data_ptr (a
+    # warning that it "will error"), and took fakes of one shape for the same memory
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with FakeTensorMode():
+            params = [torch.nn.Parameter(torch.randn(numel, dtype=dtype)) for dtype in
+                      (torch.float32, torch.float32, torch.bfloat16)]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            report = nanfuse.clip_and_check_(params + params[:1], 1.0)
+            gradients = nanfuse.clip._gradients(params + params[:1], True)
+    assert all(isinstance(t, FakeTensor) and t.shape == () for t in report)
+    assert [t.dtype for t in report] == [torch.float32] * 3 + [torch.int64]
+    assert [id(g) for g in gradients] == [id(p.grad) for p in params]  # the same tensor twice is still one

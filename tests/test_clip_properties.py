@@ -4,8 +4,10 @@ injected or not, every kind of norm, max_norm above and below the norm. Checked 
 oracle on the run's backend; under NANFUSE_BACKEND=interpret the kernels and the PyTorch path must also
 make the same clip and skip decisions."""
 
+import contextlib
 import math
 import os
+from unittest import mock
 
 import torch
 from hypothesis import given, settings
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from reference import grad_norm_ref
 
 import nanfuse
+from nanfuse.fallback import grad_norm as torch_grad_norm
 
 INTERPRETED = os.environ.get("NANFUSE_BACKEND") == "interpret"
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -95,7 +98,11 @@ def check_against_reference(grads, max_norm, norm_type, report, clipped, interpr
                 # subnormals to bf16 wrongly (1.0e-39 -> 5.9e-39); a GPU converts them in hardware
                 atol = torch.finfo(torch.float32).smallest_normal
             rtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2.5e-3}
-            torch.testing.assert_close(new.double(), expected, rtol=rtol[old.dtype], atol=atol)
+            # the README's bound: each gradient is multiplied by the coefficient rounded to fp32 (fp64 for fp64
+            # gradients, whatever the others), exact to 2**-150 (2**-1075) absolute where that is a subnormal
+            floor = subnormal_step(torch.float64 if old.dtype == torch.float64 else torch.float32)
+            rtol = rtol[old.dtype] + floor / max(coef, floor)
+            torch.testing.assert_close(new.double(), expected, rtol=rtol, atol=atol)
 
 
 @settings(max_examples=60 if INTERPRETED else 150, deadline=None)
@@ -112,3 +119,70 @@ def test_clip_matches_the_float64_reference_on_every_input(grads, norm_type, rel
         check_against_reference(grads, max_norm, norm_type, torch_report, torch_clipped, False)
         assert torch.equal(report.found_inf, torch_report.found_inf)
         assert (report.clip_coef == 1).item() == (torch_report.clip_coef == 1).item()
+
+
+# the CPU host path (small non-fp64 gradients, norm_type 1, 2 or inf: one fp64 foreach norm read into Python) must
+# give what the general path gives: the PyTorch path with the host path turned off (and large half-precision
+# gradients widened in parts of 2 * ROW values), or under the interpreter the kernels. Sizes around its limit
+# (WHOLE_IN_FP64) and the PyTorch path's rows (ROW); every norm_type, including those the host path leaves alone
+HOST_SIZES = [0, 1, 2, 5, 255, 256, 257, 16384, 16385]
+HOST_NORM_TYPES = [1.0, 2.0, math.inf, 0.5, 3.0]
+
+
+@st.composite
+def host_gradient(draw):
+    """A gradient as `gradient` draws it, of a size around the host path's limits, sometimes strided or all zero."""
+    values = draw(gradient())
+    n = draw(st.sampled_from(HOST_SIZES))
+    if values.numel():
+        values = values.repeat(-(-n // values.numel()))[:n]
+    else:
+        values = torch.zeros(n, dtype=values.dtype)
+    layout = draw(st.sampled_from(["contiguous", "contiguous", "strided", "zeros"]))
+    if layout == "zeros":
+        values = torch.zeros_like(values)
+    return values, layout == "strided"
+
+
+def run_host_or_general(grads, max_norm, norm_type, host, create_graph=False):
+    """(report, clipped gradients) through the host path where it applies (host=True) or the general path."""
+    params = []
+    for g, strided in grads:
+        p = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype))
+        p.grad = torch.zeros(2 * g.numel(), dtype=g.dtype)[::2] if strided else torch.zeros_like(g)
+        p.grad.copy_(g)
+        if create_graph:  # as backward(create_graph=True) leaves it: a gradient autograd tracks
+            p.grad = p.grad.requires_grad_() * 1
+        params.append(p)
+    context = contextlib.ExitStack()
+    if INTERPRETED:  # the host path is the PyTorch backend's; the general path, the kernels
+        if host:
+            context.enter_context(nanfuse.use_backend("torch"))
+    elif not host:  # the PyTorch path without the host path, half-precision gradients widened 512 values at a time
+        context.enter_context(mock.patch.object(torch_grad_norm, "host_norm", lambda grads, norm_type: None))
+        context.enter_context(mock.patch.object(torch_grad_norm, "WIDEN_ELEMENTS", 2 * torch_grad_norm.ROW))
+    graphs = [p.grad.grad_fn for p in params]
+    with context:
+        report = nanfuse.clip_and_check_(params, max_norm, norm_type)
+    assert [p.grad.grad_fn for p in params] == graphs  # scaled unrecorded, as under torch.no_grad()
+    return report, [p.grad.detach() for p in params]
+
+
+@settings(max_examples=30 if INTERPRETED else 60, deadline=None)
+@given(grads=st.lists(host_gradient(), max_size=50), norm_type=st.sampled_from(HOST_NORM_TYPES),
+       limit=st.sampled_from([None, 0.25, 4.0, 0.0, math.inf, 1e-30]), create_graph=st.booleans())
+def test_the_host_path_gives_what_the_general_path_gives(grads, norm_type, limit, create_graph):
+    values = [g for g, _ in grads]
+    ref = grad_norm_ref(values, norm_type).item()
+    max_norm = limit if limit in (None, 0.0, math.inf, 1e-30) else (limit * ref if 0 < ref < 1e300 else 1.0)
+    host, host_clipped = run_host_or_general(grads, max_norm, norm_type, True, create_graph)
+    general, general_clipped = run_host_or_general(grads, max_norm, norm_type, False, create_graph)
+    for report, clipped, interpreted in ((host, host_clipped, False), (general, general_clipped, INTERPRETED)):
+        assert all(t.device.type == "cpu" and t.shape == () and not t.requires_grad for t in report)
+        assert report.nonfinite_count.dtype == torch.int64
+        check_against_reference(values, max_norm, norm_type, report, clipped, interpreted)
+    assert torch.equal(host.found_inf, general.found_inf) and torch.equal(host.nonfinite_count, general.nonfinite_count)
+    assert (host.clip_coef == 1).item() == (general.clip_coef == 1).item()
+    dtype = host.total_norm.dtype
+    torch.testing.assert_close(host.total_norm, general.total_norm, rtol=NORM_RTOL[dtype],
+                               atol=subnormal_step(dtype), equal_nan=True)

@@ -4,10 +4,13 @@ bit-for-bit as an unguarded run that never saw the bad step."""
 
 import copy
 import inspect
+import math
 import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nanfuse
 
@@ -161,3 +164,48 @@ def test_lbfgs_without_bad_steps_equals_lbfgs():
     for step in range(3):
         assert_bitwise_equal(reference[step], ours[step], f"step {step}")
     assert guard.skipped_steps.item() == 0
+
+
+def scaled_loss_of(model, step, scale):
+    return loss_of(model, step) * scale
+
+
+@settings(max_examples=8 if INTERPRETED else 40, deadline=None)
+@given(name=st.sampled_from([name for name in CHECKED if name not in NEEDS_2D]),
+       max_norm=st.sampled_from([None, 0.0, 1e-3, 0.3, 1e6, math.inf]), scale=st.sampled_from([1.0, 1e-8, 1e8]),
+       bad_step=st.sampled_from([None, 0, 1, 2]), with_scaler=st.booleans(),
+       norm_type=st.sampled_from([1.0, 2.0, math.inf]))
+def test_guarded_steps_equal_pytorch_clip_and_step(name, max_norm, scale, bad_step, with_scaler, norm_type):
+    # PyTorch's recipe (GradScaler.unscale_, clip_grad_norm_, step or scaler.step, update) against guard.step() on
+    # every optimizer, whatever max_norm (a fused optimizer on CPU whose step needs neither clipping nor skipping
+    # takes its plain step): finite steps to tolerance, a bad step skipped with nothing changed, the same scale
+    ours, theirs = make_model(), make_model()
+    opt_ours, opt_theirs = OPTIMIZERS[name](ours.parameters()), OPTIMIZERS[name](theirs.parameters())
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1) if with_scaler else None
+               for _ in range(2)]
+    guard = nanfuse.NanGuard(opt_ours, max_norm, norm_type, scaler=scalers[0])
+    for step in range(3):
+        for model, scaler in ((ours, scalers[0]), (theirs, scalers[1])):
+            loss = scaled_loss_of(model, step, scale)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if step == bad_step:
+                model[0].weight.grad[1, 2] = float("nan")
+        before = snapshot(ours, opt_ours)
+        report = guard.step()
+        if step == bad_step:
+            assert report.found_inf.item() == 1.0
+            assert_bitwise_equal(before, snapshot(ours, opt_ours), f"skipped step {step}")
+        if scalers[1] is not None:
+            scalers[1].unscale_(opt_theirs)
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm, norm_type)
+        if step != bad_step:  # (PyTorch's own skip of a first fused step would create state: see the README)
+            (scalers[1].step if scalers[1] else lambda optimizer: optimizer.step())(opt_theirs)
+        if scalers[1] is not None:
+            scalers[1].update()
+            assert scalers[0].get_scale() == scalers[1].get_scale()
+        guard.zero_grad()
+        opt_theirs.zero_grad()
+        for key, value in ours.state_dict().items():
+            expected = theirs.state_dict()[key]
+            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6 + 2e-5 * expected.abs().max().item())
