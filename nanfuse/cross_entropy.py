@@ -236,7 +236,15 @@ def _plain_call(input, target):
             return None
         # nll_loss sums the rows before it divides: an inf may be a finite mean; NaN: every row ignored (0 here),
         # or NaN logits (NaN on the general path too)
-        return loss if loss.item() < math.inf else None
+        if not loss.item() < math.inf:
+            return None
+        # PyTorch's backward gives an ignored row whose logits hold a NaN or an inf (or are all -inf) a NaN
+        # gradient (its log-softmax is NaN, times its upstream 0), where nanfuse gives 0: with a gradient to come,
+        # some row ignored (an index below 0: any other was refused) and a non-finite sum of the logits, redo
+        if (input.requires_grad and torch.is_grad_enabled() and target.min().item() < 0
+                and not math.isfinite(input.sum().item())):
+            return None
+        return loss
     if (input.dim() == 2 and target.dim() == 1 and input.shape[0] == target.shape[0] and input.stride(1) == 1
             and target.stride(0) == 1):
         compute_grad = input.requires_grad and torch.is_grad_enabled()
