@@ -151,11 +151,13 @@ def check_target_range(target, n_classes, ignore_index):
                          f"ignore_index={ignore_index}")
 
 
-def forward_pass(logits, target, weight, opts, compute_grad, divisor=None):
+def forward_pass(logits, target, weight, opts, compute_grad, divisor=None, keep_logits=False):
     """(loss, gradient or None, row statistics, normalisers): the forward of the autograd Function and the
-    registered op. The gradient is written only where writes_grad_in_forward and compute_grad say so."""
+    registered op. The gradient is written only where writes_grad_in_forward and compute_grad say so.
+    keep_logits: backward may recompute from the logits (torch.func), which needs the statistics and normalisers
+    that the plain path does not form."""
     if takes_plain_path(logits, target, weight, opts, divisor) and not _backend.through_registered_ops():
-        plain = fallback.plain_mean_forward(logits, target, compute_grad)
+        plain = None if keep_logits else fallback.plain_mean_forward(logits, target, compute_grad)
         if plain is not None:  # row statistics and normalisers: only backward's recomputation needs them
             return plain[0], plain[1], logits.new_empty(0), logits.new_empty(0)
         check_target_range(target, logits.shape[1], opts.ignore_index)

@@ -57,7 +57,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, target, weight, opts, compute_grad, keep_logits, divisor=None):
-        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad, divisor)
+        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad, divisor, keep_logits)
         if grad is not None and opts.inplace_backward:
             # the logits now hold the gradient: any op that saved them must fail loudly in backward
             torch.autograd.graph.increment_version(logits)

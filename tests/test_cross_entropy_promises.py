@@ -378,6 +378,29 @@ def test_torch_func_vmap_and_per_sample_gradients(reduction):
     assert_close(ours_vjp, per_sample[1][2].double() * 0.5)
 
 
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "vmap_grad", "grad_of_grad"])
+@pytest.mark.parametrize("shape", [(3, 7), (7,), (64, 1100)], ids=["small", "1-d", "beyond SMALL_CPU_LOGITS"])
+def test_torch_func_of_the_call_with_no_option(shape, transform):
+    # fp32, class indices, mean, no option: the call the CPU fast paths take outside torch.func (their forward kept
+    # no normalisers, which backward under a transform reads)
+    from torch.func import grad, jacrev, vjp, vmap
+
+    x = torch.randn(shape)
+    t = torch.randint(0, shape[-1], shape[:-1])
+    if transform == "vmap_grad":
+        x, t = x.unsqueeze(0).expand(2, *shape), t.unsqueeze(0).expand(2, *t.shape)
+
+    def apply(ce, z):
+        loss_of = lambda zz: ce(zz, t)  # noqa: E731
+        return {"grad": lambda: grad(loss_of)(z),
+                "vjp": lambda: vjp(loss_of, z)[1](torch.tensor(0.5, dtype=z.dtype))[0],
+                "jacrev": lambda: jacrev(loss_of)(z),
+                "vmap_grad": lambda: vmap(grad(lambda zz, tt: ce(zz, tt)))(z, t),
+                "grad_of_grad": lambda: grad(lambda zz: grad(loss_of)(zz).pow(2).sum())(z)}[transform]()
+
+    assert_close(apply(nanfuse.cross_entropy, x), apply(F.cross_entropy, x.double()), torch.float32, transform)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("case", ["mean", "none_sum", "probabilities"])
 def test_torch_func_jacrev_of_jacrev_gives_pytorchs_hessian(case, dtype):
