@@ -21,6 +21,10 @@ class ArgumentError(ValueError, RuntimeError):
     """A bad argument where PyTorch raises RuntimeError: an instance of both, so either except clause catches it."""
 
 
+class TargetIndexError(ValueError, IndexError):
+    """A class index outside [0, C) where PyTorch raises IndexError: an instance of both."""
+
+
 def check_ignore_index(ignore_index):
     """ignore_index as a Python int, by PyTorch's rules: an integer (or 0-dim integer tensor) that fits in int64."""
     if isinstance(ignore_index, bool) or isinstance(ignore_index, float) or (
@@ -42,7 +46,7 @@ def check_cross_entropy_args(input, target, weight, opts, compute_grad=False, gr
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if input.dim() == 0:
-        raise ValueError("input must have a class dimension: shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
+        raise ArgumentError("input must have a class dimension: shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if n_classes == 0:
         raise ArgumentError(f"input has no classes: shape {tuple(input.shape)}")

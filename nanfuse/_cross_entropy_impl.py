@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from . import _backend
+from ._checks import TargetIndexError
 from .fallback import cross_entropy as fallback
 
 
@@ -143,11 +144,12 @@ def takes_plain_path(logits, target, weight, opts, divisor):
 
 
 def check_target_range(target, n_classes, ignore_index):
-    """ValueError for a class index outside [0, C) that is not ignore_index (reads the values: one sync on GPU)."""
+    """A ValueError that is also PyTorch's IndexError for a class index outside [0, C) that is not ignore_index
+    (reads the values: one sync on GPU)."""
     bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
     if bad.any():
         value = target[bad][0].item()  # CPU, or the NANFUSE_CHECK_TARGETS=1 opt-in
-        raise ValueError(f"target contains class index {value}, outside [0, {n_classes}) and not "
+        raise TargetIndexError(f"target contains class index {value}, outside [0, {n_classes}) and not "
                          f"ignore_index={ignore_index}")
 
 

@@ -145,7 +145,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     Cost: one read of the logits, plus one write of the gradient when `input` requires grad.
     """
     no_options = (weight is None and softcap is None and normalize_by is None and reduction == "mean"
-                  and inplace_backward is False and _is_number(ignore_index, -100)
+                  and inplace_backward is False and type(ignore_index) is int and ignore_index == -100
                   and _is_number(label_smoothing, 0) and _is_number(z_loss, 0) and _is_number(logit_scale, 1))
     if no_options and (plain := _plain_call(input, target)) is not None:
         return plain
@@ -227,6 +227,7 @@ def _plain_call(input, target):
     general path, which names the bad argument and keeps the loss finite: one host read of the loss, free on CPU."""
     if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.dtype is torch.float32
             and target.dtype is torch.int64 and target.is_cpu and input.layout is torch.strided
+            and target.dim() + 1 == input.dim()  # PyTorch takes a (1,) target for (C,) logits, then fails in backward
             and _backend.eager_pytorch_on_cpu(input) and torch._C._functorch.peek_interpreter_stack() is None):
         return None
     if input.numel() <= SMALL_CPU_LOGITS:

@@ -338,10 +338,27 @@ def _raises_like_pytorch(call):
     (lambda ce, x: ce(x, torch.tensor([1, 2, 3]), ignore_index=2**70), "ignore_index"),
     (lambda ce, x: ce(x, torch.tensor([1, 2, 3]), weight=torch.rand(5, requires_grad=True)), "weight"),
     (lambda ce, x: ce(x.detach(), torch.tensor([1, 2, 3]), weight=torch.rand(5, requires_grad=True)), "weight"),
+    # with no other option the small CPU calls run PyTorch's own op: the same rules there
+    (lambda ce, x: ce(x, torch.tensor([1, 2, 3]), ignore_index=-100.0), "ignore_index"),
+    (lambda ce, x: ce(x[0, 0], torch.tensor(1)), "input"),
+    (lambda ce, x: ce(x, torch.tensor([1, 5, 3])), "target"),
+    (lambda ce, x: ce(x[0], torch.tensor(-1)), "target"),
+    (lambda ce, x: ce(x, torch.tensor([1, 2, 30]), label_smoothing=0.1), "target"),
 ], ids=["probabilities-with-ignore_index", "float-ignore_index", "bool-ignore_index", "huge-ignore_index",
-        "weight-requires-grad", "weight-requires-grad-only"])
+        "weight-requires-grad", "weight-requires-grad-only", "float-default-ignore_index", "scalar-input",
+        "target-past-C", "negative-target-1d", "target-past-C-with-option"])
 def test_argument_errors_have_pytorchs_class_and_name_the_argument(call, names):
     assert names in str(_raises_like_pytorch(call))
+
+
+def test_a_1d_input_takes_a_0d_target_on_every_path():
+    # PyTorch's forward takes a (1,) target for a (C,) input and its backward then fails ("size mismatch"): the
+    # general path refuses it up front, naming target, and so must the small CPU calls that run PyTorch's op
+    x = torch.randn(5, requires_grad=True)
+    for kwargs in [dict(), dict(label_smoothing=0.1)]:
+        with pytest.raises(ValueError, match="target") as error:
+            nanfuse.cross_entropy(x, torch.tensor([2]), **kwargs)
+        assert isinstance(error.value, RuntimeError)
 
 
 def test_argument_rules_pytorch_accepts_are_accepted():
