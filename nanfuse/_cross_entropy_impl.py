@@ -31,9 +31,10 @@ class CrossEntropyOptions:
 DEFAULT_OPTIONS = CrossEntropyOptions()
 
 
-def implementation(logits):
-    """The module that runs the cross-entropy on `logits`: the Triton kernels or the PyTorch fallback."""
-    if _backend.uses_triton(logits):
+def implementation(logits, as_real=False):
+    """The module that runs the cross-entropy on `logits`: the Triton kernels or the PyTorch fallback (as_real: the
+    one that runs on the real tensor a FakeTensor stands for)."""
+    if _backend.uses_triton(logits, as_real):
         from .kernels import cross_entropy
 
         return cross_entropy

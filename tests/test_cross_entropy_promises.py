@@ -319,6 +319,24 @@ def test_fake_cpu_tensors_give_fake_results(shape, options):
     assert isinstance(grad, FakeTensor) and grad.shape == shape
 
 
+@pytest.mark.parametrize("tracer", ["fake_mode", "make_fx_real"])
+@pytest.mark.parametrize("shape", [(8, 10), (64, 2000)], ids=["small", "beyond SMALL_CPU_LOGITS"])
+def test_real_inputs_traced_by_fake_or_proxy_modes(shape, tracer):
+    # a real CPU tensor under FakeTensorMode (allow_non_fake_inputs) or make_fx(tracing_mode="real"): its values
+    # cannot be read on the host there (DataDependentOutputException), as PyTorch's own op reads none
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, t = torch.randn(shape), torch.randint(0, shape[1], shape[:1])
+    if tracer == "fake_mode":
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            loss = nanfuse.cross_entropy(x, t)
+        assert isinstance(loss, FakeTensor) and loss.shape == ()
+    else:
+        graph = make_fx(lambda z, y: nanfuse.cross_entropy(z, y), tracing_mode="real")(x, t)
+        assert_close(graph(x, t), cross_entropy_ref(x.double(), t), torch.float32)
+
+
 # ---------------------------------------------------------------- item 13: PyTorch's argument rules
 
 
