@@ -12,13 +12,8 @@ import operator
 import torch
 
 from . import _backend, _ops
-from ._checks import check_logits
+from ._checks import UnsupportedInputError, check_logits
 from ._softmax_impl import differentiable_rows_backward, needs_differentiable_backward, rows_backward, rows_forward
-
-
-class UnsupportedInputError(TypeError, NotImplementedError):
-    """An input dtype or layout softmax does not take (integer, float8, sparse): a TypeError, and the
-    NotImplementedError PyTorch raises."""
 
 
 def _tangent(y, dx, log):

@@ -362,9 +362,13 @@ def _raises_like_pytorch(call):
     (lambda ce, x: ce(x, torch.tensor([1, 5, 3])), "target"),
     (lambda ce, x: ce(x[0], torch.tensor(-1)), "target"),
     (lambda ce, x: ce(x, torch.tensor([1, 2, 30]), label_smoothing=0.1), "target"),
+    (lambda ce, x: ce(x.detach().long(), torch.tensor([1, 2, 3])), "input"),
+    (lambda ce, x: ce(x.detach().to_sparse(), torch.tensor([1, 2, 3])), "input"),
+    (lambda ce, x: ce(x, torch.tensor([True, False, True])), "target"),
 ], ids=["probabilities-with-ignore_index", "float-ignore_index", "bool-ignore_index", "huge-ignore_index",
         "weight-requires-grad", "weight-requires-grad-only", "float-default-ignore_index", "scalar-input",
-        "target-past-C", "negative-target-1d", "target-past-C-with-option"])
+        "target-past-C", "negative-target-1d", "target-past-C-with-option", "integer-input", "sparse-input",
+        "bool-target"])
 def test_argument_errors_have_pytorchs_class_and_name_the_argument(call, names):
     assert names in str(_raises_like_pytorch(call))
 
