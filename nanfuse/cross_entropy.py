@@ -223,8 +223,10 @@ def _plain_call(input, target):
     """The loss of the common case, or None where this is not it: fp32 CPU logits on the PyTorch path against
     int64 class indices, eagerly. The keyword options are for the caller to check. Skips the general argument
     handling: up to SMALL_CPU_LOGITS, PyTorch's own call checks the rest, and whatever it refuses (a bad index or
-    shape) or gets wrong for nanfuse (all rows ignored: NaN; a row sum past fp32's max: inf) is redone on the
-    general path, which names the bad argument and keeps the loss finite: one host read of the loss, free on CPU."""
+    shape) or gets wrong for nanfuse (all rows ignored: NaN; a row sum past fp32's max: inf; the NaN gradient of an
+    ignored row with non-finite logits) is redone on the general path, which names the bad argument and keeps the
+    loss finite: one host read of the loss, and of the targets' least index where a gradient is recorded; free on
+    CPU."""
     if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.dtype is torch.float32
             and target.dtype is torch.int64 and target.is_cpu and input.layout is torch.strided
             and target.dim() + 1 == input.dim()  # PyTorch takes a (1,) target for (C,) logits, then fails in backward
