@@ -184,7 +184,7 @@ def _tracing():
     read (fake results, or a graph being traced); checked only when some dispatch mode is on (cheap otherwise).
     Not for Dynamo to trace (a graph break): callers ask torch.compiler.is_compiling() first."""
     get_mode = torch._C._get_dispatch_mode
-    return bool(torch._C._len_torch_dispatch_stack()) and (
+    return torch._C._is_tracing() or bool(torch._C._len_torch_dispatch_stack()) and (
         get_mode(_FAKE_MODE) is not None or get_mode(_PROXY_MODE) is not None)
 
 

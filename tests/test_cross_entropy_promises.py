@@ -337,6 +337,17 @@ def test_real_inputs_traced_by_fake_or_proxy_modes(shape, tracer):
         assert_close(graph(x, t), cross_entropy_ref(x.double(), t), torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_records_the_general_path():
+    # torch.jit.trace records ops, not the CPU fast path's host-read branches: traced on plain targets, the function
+    # must still give every-row-ignored 0 (PyTorch's op gives NaN, which the branch would redo)
+    traced = torch.jit.trace(lambda z, y: nanfuse.cross_entropy(z, y), (torch.randn(3, 5), torch.tensor([0, 1, 2])))
+    x = torch.randn(3, 5)
+    assert traced(x, torch.full((3,), -100)) == 0
+    target = torch.tensor([4, -100, 1])
+    assert_close(traced(x, target), cross_entropy_ref(x.double(), target), torch.float32)
+
+
 # ---------------------------------------------------------------- item 13: PyTorch's argument rules
 
 

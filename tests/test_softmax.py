@@ -222,6 +222,19 @@ def test_real_inputs_traced_by_fake_or_proxy_modes(log, tracer):
         assert_close(graph(x), softmax_ref(x, 1, log), torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_jit_trace_keeps_the_masked_row_limits(log):
+    # torch.jit.trace records ops, not the CPU fast path's host-read branch: traced on plain scores, the function
+    # must still give a fully masked row 0 (log: -inf), not the NaN of PyTorch's op that the branch would redo
+    traced = torch.jit.trace(lambda z: _op(log)(z, dim=1), (torch.randn(3, 6),))
+    x = torch.randn(3, 6)
+    x[0] = float("-inf")
+    y = traced(x)
+    assert (y[0] == (float("-inf") if log else 0.0)).all()
+    assert_close(y[1:], softmax_ref(x[1:], 1, log), torch.float32)
+
+
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64),
                                                  (torch.float32, torch.bfloat16), (torch.float64, torch.float32)])
