@@ -146,8 +146,9 @@ def _gpu_supported(device_index: int) -> bool:
     return _GPU_SUPPORTED[device_index]
 
 
-def uses_triton(tensor: torch.Tensor) -> bool:
-    """True when the op on `tensor` should run the Triton kernels rather than pure PyTorch."""
+def uses_triton(tensor: torch.Tensor, as_real: bool = False) -> bool:
+    """True when the op on `tensor` should run the Triton kernels rather than pure PyTorch. as_real: the choice
+    for the real tensor a FakeTensor stands for (a fake implementation's output shapes follow the real op's path)."""
     if tensor.dtype == torch.float64:
         return False
     backend = current_backend()
@@ -163,8 +164,10 @@ def uses_triton(tensor: torch.Tensor) -> bool:
             raise RuntimeError(f"NANFUSE_BACKEND=triton, but the Triton kernels cannot run on cuda:{index}: "
                                f"{unsupported_gpu_reason(index)}; use NANFUSE_BACKEND=auto for the PyTorch path")
         return False
-    # the interpreter runs on values: a FakeTensor (FakeTensorMode) takes the PyTorch path, which propagates shapes
-    return backend == "interpret" and tensor.device.type == "cpu" and not isinstance(tensor, FakeTensor)
+    # the interpreter runs on values: a FakeTensor, or any tensor under FakeTensorMode or make_fx (whose tracer would
+    # not see the kernel's writes), takes the PyTorch path, which propagates shapes and is traced
+    return backend == "interpret" and tensor.device.type == "cpu" and (as_real or (
+        not isinstance(tensor, FakeTensor) and (torch.compiler.is_compiling() or not _tracing())))
 
 
 def has_values(tensor: torch.Tensor) -> bool:
@@ -173,20 +176,33 @@ def has_values(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "meta" and not isinstance(tensor, FakeTensor)
 
 
+_FAKE_MODE, _PROXY_MODE = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY
+
+
+def _tracing():
+    """True under FakeTensorMode or make_fx's proxy mode, where even a real tensor's results have no values to
+    read (fake results, or a graph being traced); checked only when some dispatch mode is on (cheap otherwise).
+    Not for Dynamo to trace (a graph break): callers ask torch.compiler.is_compiling() first."""
+    get_mode = torch._C._get_dispatch_mode
+    return torch._C._is_tracing() or bool(torch._C._len_torch_dispatch_stack()) and (
+        get_mode(_FAKE_MODE) is not None or get_mode(_PROXY_MODE) is not None)
+
+
 def may_read_values(tensor: torch.Tensor) -> bool:
     """True where reading a tensor's value into Python costs no device sync: CPU, in eager mode, with values (not
-    a FakeTensor)."""
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling() and not isinstance(tensor, FakeTensor)
+    a FakeTensor, nothing tracing it)."""
+    return (tensor.device.type == "cpu" and not torch.compiler.is_compiling() and not isinstance(tensor, FakeTensor)
+            and not _tracing())
 
 
 def eager_pytorch_on_cpu(tensor: torch.Tensor) -> bool:
     """True where an op on `tensor` runs the PyTorch path eagerly on the host: a CPU tensor with values (not a
-    FakeTensor), not the interpreter, not through the registered ops, not under torch.compile. There, values are
-    read for free and a small call may use PyTorch's own ops. One check for the per-call fast paths (cheaper than
-    its parts called apart)."""
+    FakeTensor, nothing tracing it), not the interpreter, not through the registered ops, not under torch.compile.
+    There, values are read for free and a small call may use PyTorch's own ops. One check for the per-call fast
+    paths (cheaper than its parts called apart)."""
     state = _thread_state.__dict__
     return (tensor.is_cpu and (state.get("override") or _env_backend) != "interpret" and not state.get("ops_in_eager")
-            and not torch.compiler.is_compiling() and not isinstance(tensor, FakeTensor))
+            and not torch.compiler.is_compiling() and not isinstance(tensor, FakeTensor) and not _tracing())
 
 
 def through_registered_ops() -> bool:

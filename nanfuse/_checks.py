@@ -8,17 +8,30 @@ import torch
 REDUCTIONS = ("mean", "sum", "none")
 
 
+class UnsupportedInputError(TypeError, NotImplementedError):
+    """An input dtype or layout an op does not take (integer, complex, float8, sparse): a TypeError, and the
+    NotImplementedError PyTorch raises."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong dtype where PyTorch raises RuntimeError: an instance of both."""
+
+
 def check_logits(name, tensor):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        raise UnsupportedInputError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if tensor.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
+        raise UnsupportedInputError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
 
 
 class ArgumentError(ValueError, RuntimeError):
     """A bad argument where PyTorch raises RuntimeError: an instance of both, so either except clause catches it."""
+
+
+class TargetIndexError(ValueError, IndexError):
+    """A class index outside [0, C) where PyTorch raises IndexError: an instance of both."""
 
 
 def check_ignore_index(ignore_index):
@@ -42,7 +55,7 @@ def check_cross_entropy_args(input, target, weight, opts, compute_grad=False, gr
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if input.dim() == 0:
-        raise ValueError("input must have a class dimension: shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
+        raise ArgumentError("input must have a class dimension: shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if n_classes == 0:
         raise ArgumentError(f"input has no classes: shape {tuple(input.shape)}")
@@ -56,7 +69,7 @@ def check_cross_entropy_args(input, target, weight, opts, compute_grad=False, gr
             raise ArgumentError(f"ignore_index is not supported for floating point target (got ignore_index="
                                 f"{opts.ignore_index}, as in PyTorch)")
     elif target.dtype in (torch.bool, torch.complex64, torch.complex128) or target.is_complex():
-        raise TypeError(f"target must hold integer class indices or float probabilities, got {target.dtype}")
+        raise ArgumentTypeError(f"target must hold integer class indices or float probabilities, got {target.dtype}")
     else:
         expected = input.shape[1:] if input.dim() == 1 else input.shape[:1] + input.shape[2:]
         expected = () if input.dim() == 1 else expected

@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from . import _backend
+from ._checks import TargetIndexError
 from .fallback import cross_entropy as fallback
 
 
@@ -30,9 +31,10 @@ class CrossEntropyOptions:
 DEFAULT_OPTIONS = CrossEntropyOptions()
 
 
-def implementation(logits):
-    """The module that runs the cross-entropy on `logits`: the Triton kernels or the PyTorch fallback."""
-    if _backend.uses_triton(logits):
+def implementation(logits, as_real=False):
+    """The module that runs the cross-entropy on `logits`: the Triton kernels or the PyTorch fallback (as_real: the
+    one that runs on the real tensor a FakeTensor stands for)."""
+    if _backend.uses_triton(logits, as_real):
         from .kernels import cross_entropy
 
         return cross_entropy
@@ -143,19 +145,22 @@ def takes_plain_path(logits, target, weight, opts, divisor):
 
 
 def check_target_range(target, n_classes, ignore_index):
-    """ValueError for a class index outside [0, C) that is not ignore_index (reads the values: one sync on GPU)."""
+    """A ValueError that is also PyTorch's IndexError for a class index outside [0, C) that is not ignore_index
+    (reads the values: one sync on GPU)."""
     bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
     if bad.any():
         value = target[bad][0].item()  # CPU, or the NANFUSE_CHECK_TARGETS=1 opt-in
-        raise ValueError(f"target contains class index {value}, outside [0, {n_classes}) and not "
+        raise TargetIndexError(f"target contains class index {value}, outside [0, {n_classes}) and not "
                          f"ignore_index={ignore_index}")
 
 
-def forward_pass(logits, target, weight, opts, compute_grad, divisor=None):
+def forward_pass(logits, target, weight, opts, compute_grad, divisor=None, keep_logits=False):
     """(loss, gradient or None, row statistics, normalisers): the forward of the autograd Function and the
-    registered op. The gradient is written only where writes_grad_in_forward and compute_grad say so."""
+    registered op. The gradient is written only where writes_grad_in_forward and compute_grad say so.
+    keep_logits: backward may recompute from the logits (torch.func), which needs the statistics and normalisers
+    that the plain path does not form."""
     if takes_plain_path(logits, target, weight, opts, divisor) and not _backend.through_registered_ops():
-        plain = fallback.plain_mean_forward(logits, target, compute_grad)
+        plain = None if keep_logits else fallback.plain_mean_forward(logits, target, compute_grad)
         if plain is not None:  # row statistics and normalisers: only backward's recomputation needs them
             return plain[0], plain[1], logits.new_empty(0), logits.new_empty(0)
         check_target_range(target, logits.shape[1], opts.ignore_index)

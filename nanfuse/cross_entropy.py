@@ -57,7 +57,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, target, weight, opts, compute_grad, keep_logits, divisor=None):
-        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad, divisor)
+        loss, grad, stats, scalars = forward_pass(logits, target, weight, opts, compute_grad, divisor, keep_logits)
         if grad is not None and opts.inplace_backward:
             # the logits now hold the gradient: any op that saved them must fail loudly in backward
             torch.autograd.graph.increment_version(logits)
@@ -145,7 +145,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     Cost: one read of the logits, plus one write of the gradient when `input` requires grad.
     """
     no_options = (weight is None and softcap is None and normalize_by is None and reduction == "mean"
-                  and inplace_backward is False and _is_number(ignore_index, -100)
+                  and inplace_backward is False and type(ignore_index) is int and ignore_index == -100
                   and _is_number(label_smoothing, 0) and _is_number(z_loss, 0) and _is_number(logit_scale, 1))
     if no_options and (plain := _plain_call(input, target)) is not None:
         return plain
@@ -223,10 +223,13 @@ def _plain_call(input, target):
     """The loss of the common case, or None where this is not it: fp32 CPU logits on the PyTorch path against
     int64 class indices, eagerly. The keyword options are for the caller to check. Skips the general argument
     handling: up to SMALL_CPU_LOGITS, PyTorch's own call checks the rest, and whatever it refuses (a bad index or
-    shape) or gets wrong for nanfuse (all rows ignored: NaN; a row sum past fp32's max: inf) is redone on the
-    general path, which names the bad argument and keeps the loss finite: one host read of the loss, free on CPU."""
+    shape) or gets wrong for nanfuse (all rows ignored: NaN; a row sum past fp32's max: inf; the NaN gradient of an
+    ignored row with non-finite logits) is redone on the general path, which names the bad argument and keeps the
+    loss finite: one host read of the loss, and of the targets' least index where a gradient is recorded; free on
+    CPU."""
     if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.dtype is torch.float32
             and target.dtype is torch.int64 and target.is_cpu and input.layout is torch.strided
+            and target.dim() + 1 == input.dim()  # PyTorch takes a (1,) target for (C,) logits, then fails in backward
             and _backend.eager_pytorch_on_cpu(input) and torch._C._functorch.peek_interpreter_stack() is None):
         return None
     if input.numel() <= SMALL_CPU_LOGITS:
@@ -236,7 +239,15 @@ def _plain_call(input, target):
             return None
         # nll_loss sums the rows before it divides: an inf may be a finite mean; NaN: every row ignored (0 here),
         # or NaN logits (NaN on the general path too)
-        return loss if loss.item() < math.inf else None
+        if not loss.item() < math.inf:
+            return None
+        # PyTorch's backward gives an ignored row whose logits hold a NaN or an inf (or are all -inf) a NaN
+        # gradient (its log-softmax is NaN, times its upstream 0), where nanfuse gives 0: with a gradient to come,
+        # some row ignored (an index below 0: any other was refused) and a non-finite sum of the logits, redo
+        if (input.requires_grad and torch.is_grad_enabled() and target.min().item() < 0
+                and not math.isfinite(input.sum().item())):
+            return None
+        return loss
     if (input.dim() == 2 and target.dim() == 1 and input.shape[0] == target.shape[0] and input.stride(1) == 1
             and target.stride(0) == 1):
         compute_grad = input.requires_grad and torch.is_grad_enabled()

@@ -258,6 +258,32 @@ def test_nan_row_stays_in_its_row(device):
     assert nanfuse.cross_entropy(logits, target).isnan()  # the mean shows it too: never hidden
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("shape", [(4, 5), (2, 5, 3)], ids=["2d", "k-dim"])
+def test_ignored_rows_with_non_finite_logits_get_zero_gradient(shape, value, device):
+    # the README's deviation on every path, the small CPU calls that run PyTorch's own op included (there the
+    # ignored row's log-softmax is NaN, and PyTorch's backward multiplies it by the row's upstream 0)
+    logits = torch.randn(shape, device=device)
+    target = torch.randint(0, 5, shape[:1] + shape[2:], device=device)
+    ignored = (0, slice(None), 0) if len(shape) == 3 else (0, slice(None))
+    target[ignored[:1] + ignored[2:]] = -100
+    clean = logits.clone()
+    if value == "-inf":
+        logits[ignored] = float("-inf")  # a fully masked row
+    else:
+        logits[ignored][1] = float(value)
+    x = logits.clone().requires_grad_()
+    loss = nanfuse.cross_entropy(x, target)
+    loss.backward()
+    assert (x.grad[ignored] == 0).all()
+    x_ref = clean.double().requires_grad_()
+    rows = x_ref.movedim(1, -1).reshape(-1, 5)
+    ref_loss = cross_entropy_ref(rows, target.reshape(-1))
+    ref_loss.backward()
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(x.grad, x_ref.grad, torch.float32, "grad")
+
+
 def test_out_of_range_target_is_an_error_on_cpu():
     logits = torch.randn(3, 10)
     for bad in [10, -1]:

@@ -319,6 +319,35 @@ def test_fake_cpu_tensors_give_fake_results(shape, options):
     assert isinstance(grad, FakeTensor) and grad.shape == shape
 
 
+@pytest.mark.parametrize("tracer", ["fake_mode", "make_fx_real"])
+@pytest.mark.parametrize("shape", [(8, 10), (64, 2000)], ids=["small", "beyond SMALL_CPU_LOGITS"])
+def test_real_inputs_traced_by_fake_or_proxy_modes(shape, tracer):
+    # a real CPU tensor under FakeTensorMode (allow_non_fake_inputs) or make_fx(tracing_mode="real"): its values
+    # cannot be read on the host there (DataDependentOutputException), as PyTorch's own op reads none
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, t = torch.randn(shape), torch.randint(0, shape[1], shape[:1])
+    if tracer == "fake_mode":
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            loss = nanfuse.cross_entropy(x, t)
+        assert isinstance(loss, FakeTensor) and loss.shape == ()
+    else:
+        graph = make_fx(lambda z, y: nanfuse.cross_entropy(z, y), tracing_mode="real")(x, t)
+        assert_close(graph(x, t), cross_entropy_ref(x.double(), t), torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_records_the_general_path():
+    # torch.jit.trace records ops, not the CPU fast path's host-read branches: traced on plain targets, the function
+    # must still give every-row-ignored 0 (PyTorch's op gives NaN, which the branch would redo)
+    traced = torch.jit.trace(lambda z, y: nanfuse.cross_entropy(z, y), (torch.randn(3, 5), torch.tensor([0, 1, 2])))
+    x = torch.randn(3, 5)
+    assert traced(x, torch.full((3,), -100)) == 0
+    target = torch.tensor([4, -100, 1])
+    assert_close(traced(x, target), cross_entropy_ref(x.double(), target), torch.float32)
+
+
 # ---------------------------------------------------------------- item 13: PyTorch's argument rules
 
 
@@ -338,10 +367,31 @@ def _raises_like_pytorch(call):
     (lambda ce, x: ce(x, torch.tensor([1, 2, 3]), ignore_index=2**70), "ignore_index"),
     (lambda ce, x: ce(x, torch.tensor([1, 2, 3]), weight=torch.rand(5, requires_grad=True)), "weight"),
     (lambda ce, x: ce(x.detach(), torch.tensor([1, 2, 3]), weight=torch.rand(5, requires_grad=True)), "weight"),
+    # with no other option the small CPU calls run PyTorch's own op: the same rules there
+    (lambda ce, x: ce(x, torch.tensor([1, 2, 3]), ignore_index=-100.0), "ignore_index"),
+    (lambda ce, x: ce(x[0, 0], torch.tensor(1)), "input"),
+    (lambda ce, x: ce(x, torch.tensor([1, 5, 3])), "target"),
+    (lambda ce, x: ce(x[0], torch.tensor(-1)), "target"),
+    (lambda ce, x: ce(x, torch.tensor([1, 2, 30]), label_smoothing=0.1), "target"),
+    (lambda ce, x: ce(x.detach().long(), torch.tensor([1, 2, 3])), "input"),
+    (lambda ce, x: ce(x.detach().to_sparse(), torch.tensor([1, 2, 3])), "input"),
+    (lambda ce, x: ce(x, torch.tensor([True, False, True])), "target"),
 ], ids=["probabilities-with-ignore_index", "float-ignore_index", "bool-ignore_index", "huge-ignore_index",
-        "weight-requires-grad", "weight-requires-grad-only"])
+        "weight-requires-grad", "weight-requires-grad-only", "float-default-ignore_index", "scalar-input",
+        "target-past-C", "negative-target-1d", "target-past-C-with-option", "integer-input", "sparse-input",
+        "bool-target"])
 def test_argument_errors_have_pytorchs_class_and_name_the_argument(call, names):
     assert names in str(_raises_like_pytorch(call))
+
+
+def test_a_1d_input_takes_a_0d_target_on_every_path():
+    # PyTorch's forward takes a (1,) target for a (C,) input and its backward then fails ("size mismatch"): the
+    # general path refuses it up front, naming target, and so must the small CPU calls that run PyTorch's op
+    x = torch.randn(5, requires_grad=True)
+    for kwargs in [dict(), dict(label_smoothing=0.1)]:
+        with pytest.raises(ValueError, match="target") as error:
+            nanfuse.cross_entropy(x, torch.tensor([2]), **kwargs)
+        assert isinstance(error.value, RuntimeError)
 
 
 def test_argument_rules_pytorch_accepts_are_accepted():
@@ -376,6 +426,29 @@ def test_torch_func_vmap_and_per_sample_gradients(reduction):
     ours_vjp = vjp(lambda xx: nanfuse.cross_entropy(xx, t[2], **kwargs), x[2])[1](torch.tensor(0.5).expand(
         ours[2].shape))[0]
     assert_close(ours_vjp, per_sample[1][2].double() * 0.5)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "vmap_grad", "grad_of_grad"])
+@pytest.mark.parametrize("shape", [(3, 7), (7,), (64, 1100)], ids=["small", "1-d", "beyond SMALL_CPU_LOGITS"])
+def test_torch_func_of_the_call_with_no_option(shape, transform):
+    # fp32, class indices, mean, no option: the call the CPU fast paths take outside torch.func (their forward kept
+    # no normalisers, which backward under a transform reads)
+    from torch.func import grad, jacrev, vjp, vmap
+
+    x = torch.randn(shape)
+    t = torch.randint(0, shape[-1], shape[:-1])
+    if transform == "vmap_grad":
+        x, t = x.unsqueeze(0).expand(2, *shape), t.unsqueeze(0).expand(2, *t.shape)
+
+    def apply(ce, z):
+        loss_of = lambda zz: ce(zz, t)  # noqa: E731
+        return {"grad": lambda: grad(loss_of)(z),
+                "vjp": lambda: vjp(loss_of, z)[1](torch.tensor(0.5, dtype=z.dtype))[0],
+                "jacrev": lambda: jacrev(loss_of)(z),
+                "vmap_grad": lambda: vmap(grad(lambda zz, tt: ce(zz, tt)))(z, t),
+                "grad_of_grad": lambda: grad(lambda zz: grad(loss_of)(zz).pow(2).sum())(z)}[transform]()
+
+    assert_close(apply(nanfuse.cross_entropy, x), apply(F.cross_entropy, x.double()), torch.float32, transform)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])

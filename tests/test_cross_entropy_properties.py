@@ -104,3 +104,52 @@ def test_cross_entropy_matches_the_oracle_and_the_other_path(problem):
             torch_loss, torch_grad = loss_and_grad(logits, target, opts, upstream)
         assert_close(loss, torch_loss.double(), loss_dtype, "loss: Triton vs PyTorch path")
         assert_close(grad, torch_grad.double(), dtype, "grad: Triton vs PyTorch path")
+
+
+@st.composite
+def plain_calls(draw):
+    """fp32 logits against int64 class indices with no option (the lean CPU path): 1-D, 2-D or K-dim, zero-length
+    dims, some or all rows ignored, a NaN / inf / fully -inf row (ignored or not), transposed logits."""
+    n_classes = draw(st.sampled_from([1, 2, 3, 17]))
+    n_dims = draw(st.integers(1, 3))
+    shape = (n_classes,) if n_dims == 1 else (draw(st.integers(0, 4)), n_classes) + tuple(
+        draw(st.integers(0, 3)) for _ in range(n_dims - 2))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    logits = torch.randn(shape, generator=generator) * draw(st.sampled_from([1.0, 1e4, 1e38]))
+    target = torch.randint(0, n_classes, shape[:1] + shape[2:] if n_dims > 1 else (), generator=generator)
+    ignored = torch.rand(target.shape, generator=generator) < draw(st.sampled_from([0.0, 0.4, 1.0]))
+    target = torch.where(ignored, -100, target)
+    rows = logits.movedim(1, -1).reshape(-1, n_classes) if n_dims > 1 else logits.reshape(1, n_classes)
+    special = draw(st.sampled_from(["none", "nan", "inf", "-inf", "masked"]))
+    if rows.shape[0] and special != "none":
+        row = draw(st.integers(0, rows.shape[0] - 1))
+        if special == "masked":
+            rows[row] = float("-inf")
+        else:
+            rows[row, draw(st.integers(0, n_classes - 1))] = float(special)
+        logits = rows.reshape(logits.movedim(1, -1).shape).movedim(-1, 1) if n_dims > 1 else rows.reshape(shape)
+    if n_dims > 1 and draw(st.booleans()):
+        logits = logits.transpose(0, 1).contiguous().transpose(0, 1)  # strided classes
+    return logits, target
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(call=plain_calls())
+def test_the_plain_call_matches_the_general_path(call):
+    # the lean CPU path (PyTorch's own op up to 65,536 logits) against the same call forced onto nanfuse's
+    # general path (normalize_by=1.0 changes nothing else): loss, gradient, NaN places and the deviations
+    logits, target = call
+    results = []
+    for kwargs in [{}, {"normalize_by": 1.0}]:
+        x = logits.clone().requires_grad_()
+        loss = nanfuse.cross_entropy(x, target, **kwargs)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (general_loss, general_grad) = results
+    assert loss.dtype == general_loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, general_loss, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(grad, general_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+    ignored = (target == -100).unsqueeze(1 if logits.dim() > 1 else 0).expand_as(logits)
+    assert (grad[ignored] == 0).all()  # the README's deviation: NaN logits or not
+    if (target == -100).all():
+        assert loss == 0

@@ -204,6 +204,37 @@ def test_fake_tensors_give_fake_results(log, through_op):
     assert isinstance(grad, FakeTensor) and grad.shape == x.shape
 
 
+@pytest.mark.parametrize("tracer", ["fake_mode", "make_fx_real"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_real_inputs_traced_by_fake_or_proxy_modes(log, tracer):
+    # a real CPU tensor under FakeTensorMode (allow_non_fake_inputs) or make_fx(tracing_mode="real"): the values
+    # cannot be read on the host there (the CPU fast path's NaN check did), as PyTorch's own op reads none
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(4, 6)
+    if tracer == "fake_mode":
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            y = _op(log)(x, dim=1)
+        assert isinstance(y, FakeTensor) and y.shape == x.shape
+    else:
+        graph = make_fx(lambda z: _op(log)(z, dim=1), tracing_mode="real")(x)
+        assert_close(graph(x), softmax_ref(x, 1, log), torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_jit_trace_keeps_the_masked_row_limits(log):
+    # torch.jit.trace records ops, not the CPU fast path's host-read branch: traced on plain scores, the function
+    # must still give a fully masked row 0 (log: -inf), not the NaN of PyTorch's op that the branch would redo
+    traced = torch.jit.trace(lambda z: _op(log)(z, dim=1), (torch.randn(3, 6),))
+    x = torch.randn(3, 6)
+    x[0] = float("-inf")
+    y = traced(x)
+    assert (y[0] == (float("-inf") if log else 0.0)).all()
+    assert_close(y[1:], softmax_ref(x[1:], 1, log), torch.float32)
+
+
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64),
                                                  (torch.float32, torch.bfloat16), (torch.float64, torch.float32)])
