@@ -151,7 +151,7 @@ def check_target_range(target, n_classes, ignore_index):
     if bad.any():
         value = target[bad][0].item()  # CPU, or the NANFUSE_CHECK_TARGETS=1 opt-in
         raise TargetIndexError(f"target contains class index {value}, outside [0, {n_classes}) and not "
-                         f"ignore_index={ignore_index}")
+                               f"ignore_index={ignore_index}")
 
 
 def forward_pass(logits, target, weight, opts, compute_grad, divisor=None, keep_logits=False):
