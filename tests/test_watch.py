@@ -57,6 +57,13 @@ def watched(model, **options):
     return watch, guard
 
 
+def report_after_one_step(model):
+    """The watch's report after one guarded training step of `model` on batch(0)."""
+    watch, guard = watched(model)
+    train_step(model, guard, *batch(0))
+    return watch.report()
+
+
 def batch(seed=0, n=8):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, 6, generator=generator), torch.randint(0, 4, (n,), generator=generator)
@@ -90,9 +97,7 @@ def test_nan_input_row_is_bad_input_data():
 @pytest.mark.parametrize("middle", [Divide(), LogOfZero()], ids=["x/(x-x)", "log(relu(x)*0)"])
 def test_unstable_module_is_named_and_not_the_layers_after_it(middle):
     model = sequential(middle)
-    watch, guard = watched(model)
-    train_step(model, guard, *batch(0))
-    report = watch.report()
+    report = report_after_one_step(model)
     assert (report.phase, report.cause, report.module, report.tensor) == ("forward", "unstable activation", "2",
                                                                           "output")
     assert report.passed_on == ["3"] and report.count > 0
@@ -111,9 +116,7 @@ class OwnCode(torch.nn.Module):
 def test_nan_made_in_a_modules_own_code_names_that_module():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 6), OwnCode())
-    watch, guard = watched(model)
-    train_step(model, guard, *batch(0))
-    report = watch.report()
+    report = report_after_one_step(model)
     assert (report.phase, report.cause, report.module) == ("forward", "unstable activation", "1")
     assert report.passed_on == []  # `1.last` received it; the Sequential only returned it
 
@@ -259,9 +262,7 @@ class FailsWhenReplayed(torch.nn.Module):
 def test_a_replay_that_raises_says_it_could_not_localise():
     FailsWhenReplayed.calls.clear()
     model = sequential(FailsWhenReplayed())
-    watch, guard = watched(model)
-    train_step(model, guard, *batch(0))
-    report = watch.report()
+    report = report_after_one_step(model)
     assert (report.cause, report.module, report.phase) == ("could not localise", None, None)
     assert "RuntimeError: cannot run twice" in report.explanation
 
@@ -361,9 +362,7 @@ def test_inplace_ops_after_a_hooked_module_do_not_break_the_replay(middle, phase
         name = "1"
     else:
         model, name = Residual(middle), "middle"
-    watch, guard = watched(model)
-    train_step(model, guard, *batch(0))
-    report = watch.report()
+    report = report_after_one_step(model)
     assert (report.phase, report.cause, report.module) == (phase, cause, name), str(report)
 
 
@@ -390,9 +389,7 @@ def test_an_absorbed_minus_inf_mask_is_not_blamed_for_an_overflow_in_backward():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Sequential(torch.nn.Linear(8, 8), MaskedScores()),
                                 AdditiveMask(), OverflowingLayer(), torch.nn.Linear(8, 4))
-    watch, guard = watched(model)
-    train_step(model, guard, *batch(0))
-    report = watch.report()
+    report = report_after_one_step(model)
     assert (report.phase, report.cause, report.module) == ("backward", "exploding gradients", "3"), str(report)
 
 
@@ -483,9 +480,7 @@ class Normalize(torch.nn.Module):
 def test_a_nan_made_from_an_overflow_names_where_the_inf_started():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), MaskedScores(), Exp(), Normalize(), torch.nn.Linear(8, 4))
-    watch, guard = watched(model)
-    train_step(model, guard, *batch(0))
-    report = watch.report()
+    report = report_after_one_step(model)
     assert (report.phase, report.cause, report.module) == ("forward", "unstable activation", "2"), str(report)
 
 
@@ -572,9 +567,7 @@ class KeywordCalls(torch.nn.Module):
 def test_backward_overflow_names_the_right_module(model_type, module, tensor):
     torch.manual_seed(0)
     model = model_type()
-    watch, guard = watched(model)
-    train_step(model, guard, *batch(0))
-    report = watch.report()
+    report = report_after_one_step(model)
     assert (report.phase, report.cause, report.module, report.tensor) == ("backward", "exploding gradients", module,
                                                                           tensor), str(report)
 
@@ -593,9 +586,7 @@ class FunctionalUse(torch.nn.Module):
 def test_overflow_in_the_gradient_of_a_weight_used_functionally_names_the_calling_code():
     torch.manual_seed(0)
     model = FunctionalUse()
-    watch, guard = watched(model)
-    train_step(model, guard, *batch(0))
-    report = watch.report()
+    report = report_after_one_step(model)
     assert (report.cause, report.module, report.tensor) == ("exploding gradients", "", "weight.grad"), str(report)
 
 
@@ -626,9 +617,7 @@ class Loop(torch.nn.Module):
 def test_a_cell_called_in_a_loop_is_named_for_its_overflowing_call():
     torch.manual_seed(0)
     model = Loop()
-    watch, guard = watched(model)
-    train_step(model, guard, *batch(0))
-    report = watch.report()
+    report = report_after_one_step(model)
     assert (report.cause, report.module, report.tensor) == ("exploding gradients", "cell", "grad_input 1"), str(report)
 
 
@@ -910,9 +899,7 @@ def test_a_weight_already_non_finite_is_named_in_the_report():
     model = sequential(torch.nn.Linear(8, 8))
     with torch.no_grad():
         model[2].weight[1, 1] = float("nan")  # as loaded from a corrupt checkpoint
-    watch, guard = watched(model)
-    train_step(model, guard, *batch(0))
-    report = watch.report()
+    report = report_after_one_step(model)
     assert (report.phase, report.cause, report.module) == ("forward", "unstable activation", "2"), str(report)
     assert "its parameter `weight` already holds 1 NaN/Inf" in report.explanation
 

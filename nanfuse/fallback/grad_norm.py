@@ -183,7 +183,8 @@ def host_norm(grads, norm_type):
     grads = [g for g in grads if g.numel()]  # an empty one has no infinity norm
     if not grads:
         return 0.0
-    values = [norm.item() for norm in torch._foreach_norm(grads, norm_type, dtype=torch.float64)]  # < stack+tolist
+    # CPU, eager only (checked above): reading is free; one read per norm costs less than stack + tolist
+    values = [norm.item() for norm in torch._foreach_norm(grads, norm_type, dtype=torch.float64)]
     if not all(v < math.inf for v in values):  # a NaN or Inf (max() would pass over a NaN)
         return None
     top = max(values)
